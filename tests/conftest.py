@@ -1,0 +1,40 @@
+"""Shared test setup: the Triton interpreter on CPU, the `cuda` marker, and the one tolerance table."""
+import os
+
+import pytest
+import torch
+
+# Kernels must run as Triton code on CPU tensors in CI: the interpreter has to be chosen before
+# triton is first imported, so set it here, at collection time, when no GPU is present.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# One tolerance table for every kernel test: fp32 kernel vs fp32 reference.
+TOL = {
+    torch.float32: dict(atol=1e-5, rtol=1e-4),
+    torch.float64: dict(atol=1e-10, rtol=1e-8),
+}
+# Low precision is judged by the 2x-eager rule: |kernel - ref32| <= 2 * |eager_lowp - ref32| + LOWP_ATOL.
+LOWP_ATOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def assert_lowp_close(kernel_out, eager_out, ref32, dtype, name=""):
+    """The kernel's error against fp32 is at most twice eager PyTorch's in the same dtype (+ atol)."""
+    kernel_err = (kernel_out.float() - ref32.float()).abs().max().item()
+    eager_err = (eager_out.float() - ref32.float()).abs().max().item()
+    bound = 2 * eager_err + LOWP_ATOL[dtype] * max(1.0, ref32.float().abs().max().item())
+    assert kernel_err <= bound, f"{name}: kernel error {kernel_err:.3e} > 2x eager error bound {bound:.3e}"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "slow: end-to-end runs of a minute or more")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,201 @@
+"""clip_contrastive_loss: the Triton kernel (interpreter on CPU) vs the PyTorch reference and open_clip."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TOL, assert_lowp_close
+
+from importlib import import_module
+
+from kclip.kernels import clip_contrastive_loss, clip_contrastive_loss_reference
+from kclip.kernels.dispatch import use_triton
+
+# The module shares its name with the function the package exposes: `import a.b as m` would bind the
+# function, so fetch the module object explicitly.
+ccl = import_module("kclip.kernels.clip_contrastive_loss")
+
+
+def _inputs(n, d, scale, dtype=torch.float32, device="cpu", seed=0, orthogonal_ish=False):
+    gen = torch.Generator().manual_seed(seed)
+    img = torch.randn(n, d, generator=gen)  # (N, D)
+    txt = torch.randn(n, d, generator=gen) if orthogonal_ish else img + 0.5 * torch.randn(n, d, generator=gen)
+    img = F.normalize(img, dim=1).to(device=device, dtype=dtype).requires_grad_()
+    txt = F.normalize(txt, dim=1).to(device=device, dtype=dtype).requires_grad_()
+    s = torch.tensor(float(scale), device=device, requires_grad=True)
+    return img, txt, s
+
+
+def _run(fn, img, txt, s, grad_scale=1.0):
+    """Loss and (d img, d txt, d s) of ``grad_scale * fn(...)``, on fresh leaves."""
+    img = img.detach().clone().requires_grad_()
+    txt = txt.detach().clone().requires_grad_()
+    s = s.detach().clone().requires_grad_()
+    loss = fn(img, txt, s)
+    (loss * grad_scale).backward()
+    return loss.detach(), img.grad, txt.grad, s.grad
+
+
+def _assert_all_close(got, want, tol, names=("loss", "d_image", "d_text", "d_logit_scale")):
+    for name, a, b in zip(names, got, want):
+        assert torch.isfinite(a).all(), f"{name}: non-finite values"
+        torch.testing.assert_close(a.float(), b.float(), **tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def _open_clip_loss(img, txt, s):
+    from open_clip.loss import ClipLoss
+
+    return ClipLoss()(img, txt, s)
+
+
+def test_triton_path_runs_on_cpu():
+    x = torch.randn(3, 4)
+    assert use_triton(x), "tests must run with TRITON_INTERPRET=1 on CPU (conftest sets it)"
+    before = ccl.TRITON_LAUNCHES
+    img, txt, s = _inputs(5, 8, 10.0)
+    clip_contrastive_loss(img, txt, s).backward()
+    assert ccl.TRITON_LAUNCHES - before == 4  # 2 stats passes + 2 gradient kernels
+
+
+@pytest.mark.parametrize("n,d,scale,grad_scale", [
+    (37, 48, 14.3, 2.5),   # N prime, not a multiple of the block; D not a power of two
+    (1, 100, 3.0, 1.0),    # N = 1
+    (29, 100, 50.0, -0.7),  # D = 100 crosses a partial K tile and two output chunks
+    (32, 16, 1.0, 1.0),    # exact multiples of the blocks
+])
+def test_matches_reference_fp32(n, d, scale, grad_scale):
+    img, txt, s = _inputs(n, d, scale, seed=n)
+    got = _run(clip_contrastive_loss, img, txt, s, grad_scale)
+    want = _run(clip_contrastive_loss_reference, img, txt, s, grad_scale)
+    _assert_all_close(got, want, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("n,d", [(37, 48), (20, 100)])
+def test_matches_open_clip(n, d):
+    img, txt, s = _inputs(n, d, 1 / 0.07, seed=7)
+    got = _run(clip_contrastive_loss, img, txt, s, 2.5)
+    want = _run(_open_clip_loss, img, txt, s, 2.5)
+    _assert_all_close(got, want, TOL[torch.float32])
+
+
+def test_scale_100_low_cosines_no_overflow():
+    # Near-orthogonal random rows: logits ~ +-100 * 0.1, positives not dominant; exp must not overflow.
+    img, txt, s = _inputs(37, 100, 100.0, seed=3, orthogonal_ish=True)
+    got = _run(clip_contrastive_loss, img, txt, s, 1.0)
+    want = _run(clip_contrastive_loss_reference, img, txt, s, 1.0)
+    assert all(torch.isfinite(t).all() for t in got)
+    _assert_all_close(got, want, TOL[torch.float32])
+    # Identical rows at scale 100: diagonal logits of 100, others far below -> loss near 0, finite.
+    x = F.normalize(torch.randn(17, 48), dim=1)
+    got = _run(clip_contrastive_loss, x, x.clone(), torch.tensor(100.0))
+    want = _run(clip_contrastive_loss_reference, x, x.clone(), torch.tensor(100.0))
+    _assert_all_close(got, want, TOL[torch.float32])
+
+
+def test_deterministic_bitwise():
+    img, txt, s = _inputs(37, 48, 20.0, seed=11)
+    a = _run(clip_contrastive_loss, img, txt, s, 1.5)
+    b = _run(clip_contrastive_loss, img, txt, s, 1.5)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_partial_grads_and_float_scale():
+    img, txt, _ = _inputs(19, 48, 1.0, seed=5)
+    txt = txt.detach()  # no grad for text
+    loss = clip_contrastive_loss(img, txt, 12.0)  # python float scale, no grad
+    loss.backward()
+    img2 = img.detach().clone().requires_grad_()
+    clip_contrastive_loss_reference(img2, txt, torch.tensor(12.0)).backward()
+    torch.testing.assert_close(img.grad, img2.grad, **TOL[torch.float32])
+
+
+def test_bf16_interpreter_upcast_2x_eager():
+    # bf16 operands are upcast inside the kernel under the interpreter; judged by the 2x-eager rule.
+    img, txt, s = _inputs(37, 48, 30.0, seed=13)
+    ref32 = _run(clip_contrastive_loss_reference, img, txt, s, 2.0)
+    lo = (img.detach().bfloat16(), txt.detach().bfloat16(), s)
+    got = _run(clip_contrastive_loss, *lo, 2.0)
+    eager = _run(clip_contrastive_loss_reference, *lo, 2.0)
+    assert got[1].dtype == torch.bfloat16 and got[0].dtype == torch.float32
+    for name, k, e, r in zip(("loss", "d_image", "d_text", "d_logit_scale"), got, eager, ref32):
+        assert_lowp_close(k, e, r, torch.bfloat16, name)
+
+
+def test_cpu_without_interpreter_uses_reference(monkeypatch):
+    monkeypatch.setattr(ccl, "use_triton", lambda *t: False)
+    before = ccl.TRITON_LAUNCHES
+    img, txt, s = _inputs(9, 12, 5.0)
+    got = _run(clip_contrastive_loss, img, txt, s)
+    want = _run(clip_contrastive_loss_reference, img, txt, s)
+    assert ccl.TRITON_LAUNCHES == before
+    _assert_all_close(got, want, TOL[torch.float32])
+
+
+def test_errors_are_clear():
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="same shape"):
+        clip_contrastive_loss(x, torch.randn(5, 8), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="one element"):
+        clip_contrastive_loss(x, x, torch.ones(2))
+    with pytest.raises(ValueError, match="empty batch"):
+        clip_contrastive_loss(torch.randn(0, 8), torch.randn(0, 8), torch.tensor(1.0))
+
+
+def test_bench_quick(tmp_path):
+    from bench.bench_clip_contrastive_loss import main
+
+    records = main(["--quick", "--ns", "24", "40", "--results-dir", str(tmp_path), "--no-compile"])
+    assert (tmp_path / "clip_contrastive_loss.jsonl").exists()
+    impls = {r["impl"] for r in records}
+    assert {"kclip", "eager"} <= impls
+    assert all(r.get("ms_median") is not None or r.get("oom") or r.get("error") for r in records)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,d", [(1000, 512), (4099, 768)])
+def test_gpu_lowp_2x_eager(dtype, n, d):
+    img, txt, s = _inputs(n, d, 1 / 0.07, device="cuda", seed=1)
+    ref32 = _run(clip_contrastive_loss_reference, img, txt, s, 2.5)
+    lo = (img.detach().to(dtype), txt.detach().to(dtype), s)
+    got = _run(clip_contrastive_loss, *lo, 2.5)
+    eager = _run(clip_contrastive_loss_reference, *lo, 2.5)
+    for name, k, e, r in zip(("loss", "d_image", "d_text", "d_logit_scale"), got, eager, ref32):
+        assert_lowp_close(k, e, r, dtype, name)
+
+
+@pytest.mark.cuda
+def test_gpu_fp32_matches_reference():
+    img, txt, s = _inputs(1537, 512, 1 / 0.07, device="cuda", seed=2)
+    got = _run(clip_contrastive_loss, img, txt, s, 2.5)
+    want = _run(clip_contrastive_loss_reference, img, txt, s, 2.5)
+    _assert_all_close(got, want, TOL[torch.float32])
+
+
+@pytest.mark.cuda
+def test_gpu_large_n_memory_is_linear():
+    n, d = 65536, 512
+    img, txt, s = _inputs(n, d, 1 / 0.07, dtype=torch.bfloat16, device="cuda", seed=4)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loss = clip_contrastive_loss(img, txt, s)
+    loss.backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    linear_bound = 8 * n * d * 2 + 64 * n * 4 + (64 << 20)  # a few (N, D) bf16 buffers + O(N) stats
+    assert peak < linear_bound, f"peak {peak / 2**20:.0f} MiB > O(N) bound {linear_bound / 2**20:.0f} MiB"
+    assert peak < n * n * 2 / 16  # far below even one bf16 N x N matrix (8 GiB here)
+    assert torch.isfinite(loss) and torch.isfinite(img.grad).all()
+
+
+@pytest.mark.cuda
+def test_gpu_deterministic_bitwise():
+    img, txt, s = _inputs(3001, 512, 1 / 0.07, dtype=torch.bfloat16, device="cuda", seed=6)
+    a = _run(clip_contrastive_loss, img, txt, s)
+    b = _run(clip_contrastive_loss, img, txt, s)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)

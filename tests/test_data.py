@@ -1,0 +1,124 @@
+"""Data: the synthetic generator, CSV/TSV and webdataset indexing, and bad input (errors name file/row/key)."""
+import csv
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kclip.data import BadSampleError, build_index, open_image, rank_batches
+from kclip.synthetic import generate
+
+
+def _png_bytes(color=(200, 10, 10)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_csv(path, rows, columns=("image", "caption"), delimiter=","):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f, delimiter=delimiter)
+        w.writerow(columns)
+        w.writerows(rows)
+
+
+@pytest.fixture
+def pairs_dir(tmp_path):
+    (tmp_path / "img").mkdir()
+    for i in range(3):
+        (tmp_path / "img" / f"{i}.png").write_bytes(_png_bytes((50 * i, 0, 0)))
+    (tmp_path / "img" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return tmp_path
+
+
+def test_synthetic_is_deterministic_and_holds_out_combos(tmp_path):
+    m1 = generate(tmp_path / "a", n_train_images=30, n_val_images=10, progress=False)
+    generate(tmp_path / "b", n_train_images=30, n_val_images=10, progress=False)
+    assert (tmp_path / "a" / "train.csv").read_text() == (tmp_path / "b" / "train.csv").read_text()
+    assert (tmp_path / "a" / "images" / "000005.png").read_bytes() == (tmp_path / "b" / "images" / "000005.png").read_bytes()
+    held = {tuple(c) for c in m1["heldout_combos"]}
+    rows = {split: list(csv.DictReader(open(tmp_path / "a" / f"{split}.csv"))) for split in ("train", "val")}
+    for r in rows["train"]:
+        assert (r["color_a"], r["shape_a"]) not in held and (r["color_b"], r["shape_b"]) not in held
+    for r in rows["val"]:
+        assert (r["color_a"], r["shape_a"]) in held or (r["color_b"], r["shape_b"]) in held
+    assert len(rows["train"]) == 60  # two phrasings per image
+
+
+def test_csv_and_tsv_index_relative_paths(pairs_dir):
+    _write_csv(pairs_dir / "p.csv", [("img/0.png", "a red thing"), ("img/1.png", "another")])
+    _write_csv(pairs_dir / "p.tsv", [("img/0.png", "a red, thing")], delimiter="\t")
+    idx = build_index("csv", str(pairs_dir / "p.csv"), progress=False)
+    assert [p.caption for p in idx.pairs] == ["a red thing", "another"] and idx.skipped == {}
+    assert idx.pairs[0].uid == "p:2"
+    assert np.asarray(open_image(idx.pairs[1])).shape == (8, 8, 3)
+    assert build_index("csv", str(pairs_dir / "p.tsv"), progress=False).pairs[0].caption == "a red, thing"
+
+
+def test_missing_column_names_file_column_and_key(pairs_dir):
+    _write_csv(pairs_dir / "p.csv", [("img/0.png", "x")], columns=("filepath", "caption"))
+    with pytest.raises(BadSampleError) as e:
+        build_index("csv", str(pairs_dir / "p.csv"), progress=False)
+    msg = str(e.value)
+    assert "p.csv" in msg and "'image'" in msg and "data.image_column" in msg and "filepath" in msg
+
+
+@pytest.mark.parametrize("row, needle", [
+    (("img/missing.png", "fine caption"), "missing image"),
+    (("img/corrupt.png", "fine caption"), "corrupt image"),
+    (("img/0.png", "   "), "empty caption"),
+])
+def test_bad_rows_raise_naming_file_and_row(pairs_dir, row, needle):
+    _write_csv(pairs_dir / "p.csv", [("img/1.png", "ok"), row])
+    with pytest.raises(BadSampleError) as e:
+        build_index("csv", str(pairs_dir / "p.csv"), progress=False)
+    assert "p.csv:3" in str(e.value) and needle in str(e.value) and "on_bad_sample=skip" in str(e.value)
+
+
+def test_skip_counts_and_reports_every_bad_row(pairs_dir):
+    _write_csv(pairs_dir / "p.csv", [("img/0.png", "ok"), ("img/missing.png", "a"), ("img/corrupt.png", "b"),
+                                     ("img/1.png", ""), ("img/2.png", "ok too")])
+    idx = build_index("csv", str(pairs_dir / "p.csv"), on_bad_sample="skip", progress=False)
+    assert [p.caption for p in idx.pairs] == ["ok", "ok too"]
+    assert idx.skipped == {"missing image": 1, "corrupt image": 1, "empty caption": 1}
+    assert "skipped 3 bad samples" in idx.report()
+    assert any("p.csv:4" in e for e in idx.skipped_examples)
+
+
+def test_index_is_cached_and_invalidated_when_the_file_changes(pairs_dir):
+    _write_csv(pairs_dir / "p.csv", [("img/0.png", "one")])
+    cache = pairs_dir / "index.json"
+    assert build_index("csv", str(pairs_dir / "p.csv"), cache_path=cache, progress=False).captions == ["one"]
+    _write_csv(pairs_dir / "p.csv", [("img/0.png", "one"), ("img/1.png", "two, changed")])
+    assert build_index("csv", str(pairs_dir / "p.csv"), cache_path=cache, progress=False).captions == ["one", "two, changed"]
+
+
+def test_webdataset_shards(tmp_path):
+    import webdataset as wds
+
+    for s in range(2):
+        with wds.TarWriter(str(tmp_path / f"train-{s:03d}.tar")) as sink:
+            for k in range(3):
+                sample = {"__key__": f"s{s}k{k}", "png": _png_bytes((10 * k, 0, 0)), "txt": f"caption {s} {k}"}
+                if (s, k) == (1, 2):
+                    sample["txt"] = ""
+                sink.write(sample)
+    pattern = str(tmp_path / "train-{000..001}.tar")
+    with pytest.raises(BadSampleError, match="train-001.tar:s1k2"):
+        build_index("wds", pattern, progress=False)
+    idx = build_index("wds", pattern, on_bad_sample="skip", progress=False)
+    assert len(idx.pairs) == 5 and idx.skipped == {"empty caption": 1}
+    assert idx.pairs[4].uid == "train-001:s1k1" and idx.pairs[4].caption == "caption 1 1"
+    assert np.asarray(open_image(idx.pairs[1]))[0, 0, 0] == 10
+    with pytest.raises(FileNotFoundError, match="train-002.tar"):
+        build_index("wds", str(tmp_path / "train-{000..002}.tar"), progress=False)
+
+
+def test_rank_batches_partition_the_global_batch():
+    one = rank_batches(50, 8, seed=3, epoch=1, rank=0, world_size=1)
+    two = [rank_batches(50, 4, seed=3, epoch=1, rank=r, world_size=2) for r in range(2)]
+    assert len(one) == 6 and all(len(b) == 8 for b in one)
+    for i in range(6):
+        assert np.array_equal(np.concatenate([two[0][i], two[1][i]]), one[i])
+    assert not np.array_equal(rank_batches(50, 8, 3, 2, 0, 1)[0], one[0])  # a new order each epoch
