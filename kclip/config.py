@@ -76,6 +76,7 @@ class TeacherConfig:
     prompt: str = ""                   # e.g. 'This sentence: "{}" means in one word:' ("" = the caption as is)
     token_budget: int = 8192           # tokens per length-bucketed batch
     shard_size: int = 4096             # captions per cache shard
+    cache_dir: str = ""                # "" -> <run_dir>/teacher; share one cache across runs of the same data
     trust_remote_code: bool = False
 
     def __post_init__(self):

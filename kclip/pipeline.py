@@ -6,7 +6,7 @@ Layout of a run directory::
     config.yaml            the resolved config of the latest invocation
     data/                  the synthetic dataset (data.source: synthetic)
     data_index/            verified pair indexes (train.json, val.json)
-    teacher/train, /val    embedding caches (sharded fp16 + manifest)
+    teacher/train, /val    embedding caches (sharded fp16 + manifest; teacher.cache_dir moves them)
     concepts/              labels, centroids, classifier C, report, plots
     checkpoints/           DeepSpeed checkpoints; metrics.jsonl, tensorboard/
     student.safetensors    the exported open_clip student; train_done.json
@@ -88,6 +88,10 @@ def _teacher_kwargs(cfg: Config) -> dict:
                 revision=t.revision or None, trust_remote_code=t.trust_remote_code, token_budget=t.token_budget)
 
 
+def teacher_cache_dir(cfg: Config, run_dir: Path) -> Path:
+    return Path(cfg.teacher.cache_dir) if cfg.teacher.cache_dir else run_dir / "teacher"
+
+
 def stage_teach(cfg: Config, run_dir: Path, dist: DistInfo, splits: dict, progress: bool = True) -> None:
     """Embed every caption of every split once with the teacher (shards split across ranks)."""
     from kclip.cache import build_cache, cache_is_complete, captions_sha256, open_cache
@@ -95,7 +99,7 @@ def stage_teach(cfg: Config, run_dir: Path, dist: DistInfo, splits: dict, progre
 
     todo = {}
     for name, index in splits.items():
-        out = run_dir / "teacher" / name
+        out = teacher_cache_dir(cfg, run_dir) / name
         if cache_is_complete(out):
             # a finished cache must still match this data; the teacher fields are checked when it is opened
             open_cache(out, expect={"captions_sha256": captions_sha256(index.captions), "count": len(index.pairs)})
@@ -127,7 +131,7 @@ def open_teacher_cache(cfg: Config, run_dir: Path, name: str, index: PairIndex):
     _, teacher_name, revision = resolve_teacher(t.name, t.revision or None)
     expect = {"teacher": f"{teacher_name}@{revision}" if revision else teacher_name, "precision": t.precision, "pooling": t.pooling, "max_length": t.max_length,
               "prompt": t.prompt or None, "captions_sha256": captions_sha256(index.captions), "count": len(index.pairs)}
-    cache = open_cache(run_dir / "teacher" / name, expect=expect)
+    cache = open_cache(teacher_cache_dir(cfg, run_dir) / name, expect=expect)
     return cache
 
 
@@ -209,7 +213,8 @@ def stage_eval(cfg: Config, run_dir: Path, dist: DistInfo, splits: dict, caches:
         from kclip.concepts import load_concepts
         labels = load_concepts(run_dir / "concepts")["labels"].numpy()
         report = run_eval(models, run_dir / "data", out, teacher=teacher, concept_labels=labels,
-                          batch_size=cfg.eval.batch_size, seed=cfg.seed, progress=progress)
+                          batch_size=cfg.eval.batch_size, seed=cfg.seed, progress=progress,
+                          concept_k=cfg.concepts.k)
     barrier()
     if dist.is_main and report is not None:
         print(format_table(report), flush=True)

@@ -82,7 +82,9 @@ def test_errors(tmp_path):
 
 def test_cli_uses_kclip_pipeline_run(tmp_path, monkeypatch, capsys):
     fake = FakePipeline()
-    monkeypatch.setitem(sys.modules, "kclip.pipeline", types.SimpleNamespace(run=fake))
+    # the real pipeline.run returns {"run_dir", "train", "eval": report}
+    monkeypatch.setitem(sys.modules, "kclip.pipeline",
+                        types.SimpleNamespace(run=lambda cfg: {"run_dir": cfg.run_dir, "eval": fake(cfg)}))
     argv = ["--config", str(TINY), "--out", str(tmp_path / "cli"), "--seeds", "0", "1", "--variants",
             "contrastive,all", "--epochs", "2"]
     assert main(argv) == 0

@@ -15,7 +15,7 @@ from kclip.pipeline import run
 
 SMALL = [
     "data.synthetic.n_train_images=48", "data.synthetic.n_val_images=16", "concepts.k=6",
-    "concepts.classifier_epochs=5", "train.batch_size=16", "train.epochs=2", "train.log_every=1",
+    "concepts.classifier_epochs=5", "train.batch_size=16", "train.epochs=1", "train.log_every=1",
     "train.checkpoint_every=3", "train.warmup_steps=2", "eval.batch_size=64",
 ]
 

@@ -5,7 +5,7 @@ Modules (each one public function + docstring; deterministic given the seed):
 - ``retrieval``: image<->text R@K, caption->caption retrieval;
 - ``zeroshot``: attribute zero-shot (CUB-200-2011, AWA2, synthetic colour-shape combos);
 - ``compositional``: hard negatives (attribute swap / replace, relation replace) + a text-only baseline;
-- ``concept_stats`` (the module; its function has the same name): NMI of k-means concept labels against the true attributes, cluster sizes;
+- ``concept_stats`` (module and function of that name): NMI of k-means labels vs the true attributes;
 - ``text_em``: exact-match caption reconstruction from a frozen text embedding (Kamath et al.);
 - ``run`` / ``report``: ``run_eval`` writes report.json / report.md / report.png; ``format_table``;
 - ``ablation``: loss ablation over seeds (``python -m kclip.eval.ablation``).

@@ -11,9 +11,9 @@ For each (variant, seed) the runner builds a config with ``kclip.config.load_con
 (overrides: the variant's loss weights, ``seed=<s>``, ``run_dir=<out>/runs/<variant>-seed<s>``, the
 budget overrides and any ``extra`` ones) and calls ``kclip.pipeline.run(cfg)``, which runs
 teach/concepts/train/eval and returns the eval report; the metrics of ``report["models"]["after"]``
-are aggregated. Every run has its own run_dir, so the teacher embeddings are recomputed per run unless
-the pipeline shares its teacher cache across run dirs (the teacher sees only captions, so its cache is
-identical for all runs of one data config; pointing every run at one cache saves that time).
+are aggregated. Every run has its own run_dir but all share one teacher cache (``teacher.cache_dir =
+<out>/teacher_cache``): the teacher sees only captions, so its embeddings are the same for every variant
+and seed of one data config, and they are computed once.
 
 A finished run's report is saved to ``<run_dir>/ablation_result.json``; re-running the same command
 skips runs that have one (so an interrupted ablation resumes). Outputs (atomic): ``ablation.json``
@@ -55,6 +55,15 @@ def _default_run() -> Callable:
     except (ImportError, AttributeError) as exc:
         raise RuntimeError(f"run_ablation needs kclip.pipeline.run(cfg) -> report dict ({exc}); "
                            "pass run_fn= to use another runner") from exc
+
+
+def _eval_report(result) -> dict | None:
+    """The eval report from what the runner returned: the report itself, or pipeline.run's {"eval": report, ...}."""
+    if isinstance(result, Mapping) and "models" not in result and isinstance(result.get("eval"), Mapping):
+        result = result["eval"]
+    if isinstance(result, Mapping) and isinstance(result.get("models"), Mapping) and "after" in result["models"]:
+        return result
+    return None
 
 
 def aggregate(results: Mapping[str, Sequence[Mapping[str, float]]]) -> dict:
@@ -106,7 +115,7 @@ def run_ablation(base_config_path: str | Path, out_dir: str | Path, seeds: Seque
         variants: names from :data:`VARIANTS`, or a dict name -> override list; None = all four.
         max_steps, epochs: budget overrides (``train.max_steps``, ``train.epochs``) for every run.
         extra_overrides: more ``key=value`` overrides for every run.
-        run_fn: cfg -> report dict; default ``kclip.pipeline.run``.
+        run_fn: cfg -> eval report dict (or a dict holding it under "eval"); default ``kclip.pipeline.run``.
         command: the command line recorded at the top of ablation.md (default: the equivalent CLI call).
         resume: reuse ``ablation_result.json`` of finished runs.
 
@@ -142,20 +151,22 @@ def run_ablation(base_config_path: str | Path, out_dir: str | Path, seeds: Seque
         for seed in seeds:
             run_dir = out_dir / "runs" / f"{variant}-seed{seed}"
             result_path = run_dir / RESULT_FILE
-            overrides = [*loss_overrides, f"seed={seed}", f"run_dir={run_dir}", *budget, *extra_overrides]
+            # the teacher's embeddings depend on neither the loss weights nor the seed: embed once, share
+            overrides = [*loss_overrides, f"seed={seed}", f"run_dir={run_dir}",
+                         f"teacher.cache_dir={out_dir / 'teacher_cache'}", *budget, *extra_overrides]
             if resume and result_path.is_file():
                 report = json.loads(result_path.read_text())
                 reused = True
             else:
                 cfg = load_config(base_config_path, overrides)
                 t0 = time.perf_counter()
-                report = run_fn(cfg)
-                if not isinstance(report, Mapping) or "after" not in report.get("models", {}):
+                report = _eval_report(run_fn(cfg))
+                if report is None:
                     raise ValueError(f"run for variant {variant!r} seed {seed} returned no report['models']['after']; "
                                      "the pipeline must return the eval report dict")
                 report = dict(report)
                 report.setdefault("ablation", {})["seconds"] = time.perf_counter() - t0
-                atomic_write_text(result_path, json.dumps(_clean(report), indent=2))
+                atomic_write_text(result_path, json.dumps(_clean(report), indent=2, default=str))
                 reused = False
             metrics = flatten_metrics(report["models"]["after"])
             per_variant[variant].append(metrics)

@@ -48,7 +48,7 @@ def _check(out, n: int, what: str, encoder) -> torch.Tensor:
     if out.dim() != 2 or out.shape[0] != n:
         raise ValueError(f"{encoder_name(encoder)}.{what} returned shape {tuple(out.shape)} for a batch of {n}; "
                          f"it must return (batch, dim)")
-    out = out.detach().float().cpu()
+    out = out.detach().float().cpu().clone()  # a plain tensor even if the encoder ran in inference_mode
     if not torch.isfinite(out).all():
         raise ValueError(f"{encoder_name(encoder)}.{what} returned NaN/inf embeddings; check the model's weights/precision")
     return out

@@ -5,10 +5,11 @@ once, and train a probe that must regenerate the caption word for word from that
 
 The probe (default ``decoder="tiny"``):
 
-- a fixed per-dimension standardisation of the embedding (train-set mean / std; a reparametrisation
-  of the linear map, there so raw LLM hidden states with huge outlier dimensions train as easily as
-  unit vectors), then a **linear map** to ``n_prefix`` vectors of width ``d_model`` and a
-  **LayerNorm**: the only part that touches the embedding;
+- a fixed affine normalisation of the embedding (subtract the train-set mean, divide by one global
+  scale so the mean per-dimension variance is 1: a reparametrisation of the linear map, there so raw
+  LLM hidden states and unit vectors train alike under one learning rate), then a **linear map** to
+  ``n_prefix`` vectors of width ``d_model`` and a **LayerNorm**: the only part that touches the
+  embedding;
 - a **tiny causal Transformer decoder** trained from scratch (pre-norm, ``n_layers`` x ``n_heads``,
   learned positions) over a word-level vocabulary built from the training captions (lower-cased;
   words and punctuation marks are tokens; ``<pad> <bos> <eos> <unk>``). The prefix vectors come
@@ -149,9 +150,15 @@ def match_metrics(preds: Sequence[Sequence[str]], refs: Sequence[Sequence[str]])
 
 
 def _standardise(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre on the train mean and divide by ONE scalar so the mean per-dimension variance is 1.
+
+    A single scale (not one per dimension) on purpose: a dimension that never varies in training but
+    does on held-out captions (e.g. a feature for a held-out combination) would otherwise be divided
+    by ~0 and swamp the probe. Centring removes the near-constant outlier dimensions of LLM states.
+    """
     mean = train.mean(dim=0, keepdim=True)  # (1, D)
-    std = train.std(dim=0, keepdim=True).clamp_min(1e-6) if train.shape[0] > 1 else torch.ones_like(mean)
-    return (train - mean) / std, (test - mean) / std
+    scale = (train - mean).pow(2).mean().sqrt().clamp_min(1e-8)  # ()
+    return (train - mean) / scale, (test - mean) / scale
 
 
 def _train_tiny(train_emb, train_captions, test_emb, steps, batch_size, lr, seed, d_model, n_layers, n_heads, n_prefix,
@@ -206,8 +213,11 @@ def _train_t5(path, train_emb, train_captions, test_emb, steps, batch_size, lr, 
         d = t5.config.d_model
         mapper = nn.Sequential(nn.Linear(train_emb.shape[1], n_prefix * d))
         norm = nn.LayerNorm(d)
-    params = list(mapper.parameters()) + list(norm.parameters()) + list(t5.decoder.parameters()) + \
-        list(t5.lm_head.parameters())
+    params, seen = [], set()  # lm_head is usually tied to the decoder's embedding: list each tensor once
+    for p in [*mapper.parameters(), *norm.parameters(), *t5.decoder.parameters(), *t5.lm_head.parameters()]:
+        if id(p) not in seen:
+            seen.add(id(p))
+            params.append(p)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps))
     gen = torch.Generator().manual_seed(seed)
