@@ -367,7 +367,7 @@ def time_steps(step, device: torch.device, warmup: int, steps: int) -> dict:
             samples.append((time.perf_counter() - s) * 1e3)
     wall_ms = (time.perf_counter() - t0) * 1e3
     ordered = sorted(samples)
-    q = statistics.quantiles(ordered, n=10) if len(ordered) > 1 else [ordered[0]] * 9
+    q = statistics.quantiles(ordered, n=10, method="inclusive") if len(ordered) > 1 else [ordered[0]] * 9
     return {"ms_median": statistics.median(ordered), "ms_p20": q[1], "ms_p80": q[7], "ms_wall_mean": wall_ms / steps}
 
 
@@ -419,6 +419,7 @@ def run_impl(impl: str, base: nn.Module, inputs: Inputs, args, dist, teacher_sha
     runner = None
     rec: dict = {}
     steps, warmup = args.steps, args.warmup
+    t_setup = time.perf_counter()
     try:
         torch.manual_seed(1)
         model = copy.deepcopy(base).to(device)
@@ -436,7 +437,10 @@ def run_impl(impl: str, base: nn.Module, inputs: Inputs, args, dist, teacher_sha
                 steps, warmup = min(steps, args.teacher_steps), min(warmup, 2)
             runner = PlainRunner(impl, model, inputs, args, dist, teacher)
         del model
+        rec["setup_s"] = time.perf_counter() - t_setup
+        t_run = time.perf_counter()
         rec.update(time_steps(runner.step, device, warmup, steps))
+        rec["run_s"] = time.perf_counter() - t_run
         rec["steps"], rec["warmup"] = steps, warmup
         if device.type == "cuda":
             rec["peak_bytes"] = torch.cuda.max_memory_allocated(device) - baseline
@@ -476,11 +480,13 @@ def _parse(argv):
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=None, help="subset of impls (default all)")
     p.add_argument("--device", default=None, help="default: the rank's GPU, else cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU intra-op threads while running (--quick: 1, stable timings on a shared machine)")
     args = p.parse_args(argv)
     gpu = torch.cuda.is_available() and not args.quick
     if args.quick:
         defaults = dict(models=["kclip-tiny"], precision="fp32", batch_size=16, steps=3, warmup=1, teacher_steps=2,
-                        num_concepts=16, impls=list(IMPLS))
+                        num_concepts=16, impls=list(IMPLS), threads=1)
     else:
         defaults = dict(models=["ViT-B-32"], precision="bf16" if gpu else "fp32", batch_size=256, steps=30,
                         warmup=10, teacher_steps=8, num_concepts=1000, impls=list(IMPLS))
@@ -587,10 +593,20 @@ def plot(records: list[dict], out_png: Path) -> Path | None:
 
 
 def main(argv=None) -> list[dict]:
+    args = _parse(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _main(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(args) -> list[dict]:
     from bench.bench_teacher import LLAMA2_7B, TINY
     from kclip.model import KnowledgeClip, build_clip, register_model_configs
 
-    args = _parse(argv)
     register_model_configs()
     dist = _setup_dist(args)
     device = dist.device

@@ -162,7 +162,9 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = 256
-    recall_at: List[int] = field(default_factory=lambda: [1, 5, 10])
+    cub_root: str = ""                 # CUB_200_2011/ folder as released: attribute zero-shot (paper Table 2)
+    awa2_root: str = ""                # Animals_with_Attributes2/ folder as released
+    text_em_steps: int = 300           # training budget of the text-reconstruction probe (paper Table 1)
 
 
 @dataclass

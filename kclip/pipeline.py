@@ -214,7 +214,8 @@ def stage_eval(cfg: Config, run_dir: Path, dist: DistInfo, splits: dict, caches:
         labels = load_concepts(run_dir / "concepts")["labels"].numpy()
         report = run_eval(models, run_dir / "data", out, teacher=teacher, concept_labels=labels,
                           batch_size=cfg.eval.batch_size, seed=cfg.seed, progress=progress,
-                          concept_k=cfg.concepts.k)
+                          concept_k=cfg.concepts.k, cub_root=cfg.eval.cub_root or None,
+                          awa2_root=cfg.eval.awa2_root or None, text_em_steps=cfg.eval.text_em_steps)
     barrier()
     if dist.is_main and report is not None:
         print(format_table(report), flush=True)
