@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import statistics
-import time
 import warnings
 
 import numpy as np
 import torch
 
-from bench.harness import append_results, is_oom, plot_vs, provenance
+from bench.harness import append_results, is_oom, plot_vs, provenance, time_fn
 from kclip.teacher import Teacher, naive_batches, padding_efficiency, plan_batches, quantize_linears
 
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -95,19 +93,6 @@ def weight_bytes(model: torch.nn.Module) -> int:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _time_runs(fn, device: torch.device, rep: int) -> dict:
-    samples = []
-    for _ in range(rep):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        samples.append((time.perf_counter() - t0) * 1e3)
-    samples.sort()
-    q = statistics.quantiles(samples, n=10) if len(samples) > 1 else [samples[0]] * 9
-    return {"ms_median": statistics.median(samples), "ms_p20": q[1], "ms_p80": q[7]}
 
 
 def main(argv=None) -> list[dict]:
@@ -196,7 +181,7 @@ def main(argv=None) -> list[dict]:
                     rec["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device) - base_alloc
                 else:
                     rec["peak_memory_bytes"] = None
-                rec.update(_time_runs(fn, device, rep))
+                rec.update(time_fn(fn, device, warmup=0, rep=rep, wallclock=True))
             except Exception as exc:  # noqa: BLE001
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

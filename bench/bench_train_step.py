@@ -190,24 +190,6 @@ def _optimizer(model: nn.Module, cfg, device: torch.device) -> torch.optim.Optim
                              **({"fused": True} if device.type == "cuda" else {}))
 
 
-class _LossModule(nn.Module):
-    """Model forward + KnowledgeClipLoss as ONE module forward, for the DeepSpeed engine.
-
-    Under ZeRO-3 parameters are gathered only inside a module's forward; KnowledgeClipLoss reads W_e's weight
-    directly (the fused kernel takes it as an operand), so the loss has to run inside the engine's forward with
-    W_e's parameters registered as external parameters of this module.
-    """
-
-    def __init__(self, model: nn.Module, loss_fn: nn.Module):
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, images, tokens, teacher, concept):
-        out = self.model(images, tokens)
-        loss, _ = self.loss_fn(self.model, out, teacher, concept)
-        return loss
-
 
 class Runner:
     """One implementation's training step over a fresh copy of the student; ``close()`` frees it."""
@@ -292,16 +274,15 @@ class DeepSpeedRunner(Runner):
         import deepspeed
 
         from kclip.config import deepspeed_config
-        from kclip.losses import KnowledgeClipLoss
+        from kclip.losses import KnowledgeClipLoss, KnowledgeClipObjective
 
         self.inputs = inputs
         cfg = _config(args.batch_size, args.precision, zero_stage=stage)
         ds_config = deepspeed_config(cfg, dist.world_size)
         loss_fn = KnowledgeClipLoss(ALPHA, BETA, GAMMA, "triton", "triton", world_size=dist.world_size)
-        wrapper = _LossModule(model, loss_fn)
+        wrapper = KnowledgeClipObjective(model, loss_fn)
         if stage == 3:
-            deepspeed.zero.register_external_parameter(wrapper, model.projector.weight)
-            deepspeed.zero.register_external_parameter(wrapper, model.projector.bias)
+            wrapper.register_for_zero3()
         optimizer = _optimizer(model, cfg, dist.device)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -314,7 +295,7 @@ class DeepSpeedRunner(Runner):
 
     def step(self, i: int) -> None:
         images, tokens, teacher, concept = self.inputs.batch(i)
-        loss = self.engine(images.to(self.dtype), tokens, teacher, concept)
+        loss, _ = self.engine(images.to(self.dtype), tokens, teacher, concept)
         self.engine.backward(loss)
         self.engine.step()
 
@@ -409,8 +390,6 @@ def _free(device: torch.device) -> None:
 
 def run_impl(impl: str, base: nn.Module, inputs: Inputs, args, dist, teacher_shape: dict) -> dict:
     """Build, warm up, time and free one implementation; returns its measurement fields (or error/skip)."""
-    from kclip.model import KnowledgeClip  # noqa: F401  (base is one; copied per impl)
-
     device = dist.device
     _free(device)
     baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
@@ -479,7 +458,7 @@ def _parse(argv):
     p.add_argument("--compile", action="store_true", help="torch.compile the model (engine.compile for DeepSpeed)")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=None, help="subset of impls (default all)")
-    p.add_argument("--device", default=None, help="default: the rank's GPU, else cpu")
+    p.add_argument("--device", default=None, help="default: the rank's GPU, else cpu (--quick: cpu)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU intra-op threads while running (--quick: 1, stable timings on a shared machine)")
     args = p.parse_args(argv)
@@ -497,15 +476,30 @@ def _parse(argv):
 
 
 def _setup_dist(args):
-    """kclip.distributed.setup() (a one-rank gloo group when not launched); ``--quick`` / ``--device cpu`` stay on CPU."""
-    from kclip.distributed import DistInfo, setup
+    """The process group and this rank's device.
 
+    ``kclip.distributed.setup()`` makes a one-rank group when not launched (NCCL when a GPU is visible, else
+    gloo). A CPU run (``--quick`` / ``--device cpu``) needs gloo even on a GPU machine, so that group is made
+    here first (setup() then keeps it); if an NCCL group already exists, ``--quick`` runs on the GPU instead.
+    """
+    import os
+
+    import torch.distributed as tdist
+
+    from kclip.distributed import DistInfo, _free_port, setup
+
+    want = torch.device(args.device) if args.device else (torch.device("cpu") if args.quick else None)
+    if want is not None and want.type == "cpu" and not tdist.is_initialized() and torch.cuda.is_available():
+        import deepspeed
+
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
+        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     info = setup()
-    if args.quick or args.device == "cpu":
-        return DistInfo(info.rank, info.world_size, info.local_rank, torch.device("cpu"))
-    if args.device:
-        return DistInfo(info.rank, info.world_size, info.local_rank, torch.device(args.device))
-    return info
+    if want is not None and want.type == "cpu" and tdist.get_backend() == "nccl" and not args.device:
+        want = info.device
+    return DistInfo(info.rank, info.world_size, info.local_rank, want or info.device)
 
 
 def add_ratios(records: list[dict]) -> None:
@@ -548,7 +542,7 @@ def check_targets(records: list[dict]) -> list[str]:
     """Pass/fail lines for the H100 targets, for the ViT-B-32 / 224 / 256 / bf16 GPU records."""
     out = []
     rs = {r["impl"]: r for r in records if r["model"] == "ViT-B-32" and r["batch"] == 256
-          and r["precision"] == "bf16" and r["device"].lower().find("cpu") != 0 and "error" not in r}
+          and r["precision"] == "bf16" and not r["device"].lower().startswith("cpu") and "error" not in r}
     fused = rs.get("kclip-fused")
     if not fused:
         return out

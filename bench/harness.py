@@ -53,22 +53,31 @@ def provenance(device: torch.device | str) -> dict:
     }
 
 
-def time_fn(fn: Callable[[], object], device: torch.device | str, warmup: int = 3, rep: int = 10) -> dict:
-    """Median, p20 and p80 of ``fn()`` in milliseconds."""
+def time_fn(fn: Callable[[], object], device: torch.device | str, warmup: int = 3, rep: int = 10,
+            wallclock: bool = False) -> dict:
+    """Median, p20 and p80 of ``fn()`` in milliseconds.
+
+    On a GPU ``triton.testing.do_bench`` (warm-up and repetitions by time) unless ``wallclock``: then, as on
+    CPU, ``warmup`` untimed and ``rep`` timed calls, synchronising the device around each (for calls of
+    seconds, where do_bench's time-based repetition would be too costly).
+    """
     device = torch.device(device)
-    if device.type == "cuda":
+    if device.type == "cuda" and not wallclock:
         import triton.testing
         med, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
         return {"ms_median": med, "ms_p20": p20, "ms_p80": p80}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
     samples = []
     for _ in range(rep):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         samples.append((time.perf_counter() - t0) * 1e3)
     samples.sort()
-    q = statistics.quantiles(samples, n=10) if len(samples) > 1 else [samples[0]] * 9
+    q = statistics.quantiles(samples, n=10, method="inclusive") if len(samples) > 1 else [samples[0]] * 9
     return {"ms_median": statistics.median(samples), "ms_p20": q[1], "ms_p80": q[7]}
 
 

@@ -24,6 +24,8 @@ def build_parser(prog: str = "kclip", with_command: bool = True) -> argparse.Arg
         p.add_argument("command", choices=sorted(COMMANDS) + ["bench"],
                        help="run = every stage whose output is missing; or one stage alone; bench NAME runs a benchmark")
     p.add_argument("--config", default=None, help="YAML config (default: the embedded tiny config)")
+    p.add_argument("--resume", dest="resume", action="store_true", default=True,
+                   help="continue training from the latest checkpoint in run_dir (the default)")
     p.add_argument("--no-resume", dest="resume", action="store_false",
                    help="train from scratch even if checkpoints exist in run_dir")
     p.add_argument("--stop-after", type=int, default=0, metavar="STEP",

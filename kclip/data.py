@@ -258,10 +258,11 @@ def rank_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, worl
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """(image, tokens, teacher embedding, concept label) per pair index.
+    """(image, tokens, teacher target, concept label) per sample index ``epoch * N + row``.
 
-    Augmentation randomness is seeded per (seed, epoch, index), so a sample looks the same whether it is
-    read in a worker or the main process, before or after a resume.
+    The epoch travels in the index so that persistent workers need no per-epoch state: augmentation
+    randomness is seeded per (seed, epoch, row), and a sample looks the same whether it is read in a
+    worker or the main process, before or after a resume.
     """
 
     def __init__(self, index: PairIndex, preprocess, tokenizer, teacher_embeddings=None, concept_labels=None,
@@ -272,12 +273,12 @@ class PairDataset(torch.utils.data.Dataset):
         self.teacher = teacher_embeddings       # object with get(indices) -> (n, d') float32, or None
         self.labels = concept_labels            # (N,) int64 tensor, or None
         self.seed = seed
-        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, i: int) -> dict:
+        epoch, i = divmod(int(i), len(self.pairs))
         pair = self.pairs[i]
         try:
             img = open_image(pair)
@@ -285,7 +286,7 @@ class PairDataset(torch.utils.data.Dataset):
             raise BadSampleError(f"{pair.where}: image {pair.image} can no longer be read ({exc}); it passed the "
                                  "scan, so it changed since: delete the run's data_index/ and restart") from None
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFF_FFFF)
+            torch.manual_seed(hash((self.seed, epoch, i)) & 0x7FFF_FFFF)
             image = self.preprocess(img)                                    # (3, H, W)
         item = {"image": image, "tokens": self.tokenizer([pair.caption])[0], "index": i}
         if self.teacher is not None:

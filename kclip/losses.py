@@ -93,3 +93,30 @@ class KnowledgeClipLoss(torch.nn.Module):
             terms["concept"] = F.cross_entropy(logits.float(), concept)
             total = total + self.beta * terms["concept"]
         return total, {k: v.detach() for k, v in terms.items()}
+
+
+class KnowledgeClipObjective(torch.nn.Module):
+    """Student forward + objective as ONE module forward: what the DeepSpeed engine wraps.
+
+    Under ZeRO-3 a parameter is gathered only inside the forward of a module that owns it (or has it
+    registered as external). The fused L_emb takes W_e's weight as a GEMM operand instead of calling
+    W_e's forward, so the objective runs inside this forward and :meth:`register_for_zero3` registers
+    W_e's parameters with it.
+    """
+
+    def __init__(self, model, loss_fn: KnowledgeClipLoss):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def register_for_zero3(self) -> None:
+        import deepspeed
+        for p in self.model.projector.parameters():
+            deepspeed.zero.register_external_parameter(self, p)
+
+    def forward(self, images, tokens, teacher=None, concept=None) -> tuple:
+        """Returns (total loss, detached terms incl. ``logit_scale``)."""
+        out = self.model(images, tokens)
+        total, terms = self.loss_fn(self.model, out, teacher, concept)
+        terms["logit_scale"] = out["logit_scale"].detach()
+        return total, terms

@@ -135,7 +135,23 @@ def open_teacher_cache(cfg: Config, run_dir: Path, name: str, index: PairIndex):
     return cache
 
 
-def stage_concepts(cfg: Config, run_dir: Path, dist: DistInfo, cache, progress: bool = True) -> None:
+STUDENT_SAMPLE = 50_000
+
+
+def _student_text_embeddings(cfg: Config, index: PairIndex, dist: DistInfo) -> torch.Tensor:
+    """The untrained student's text embeddings of (a seeded sample of at most 50k) training captions: the
+    paper's Figure 4 compares their cluster sizes with the teacher's."""
+    from kclip.model import ClipEncoders, build_clip
+
+    captions = index.captions
+    if len(captions) > STUDENT_SAMPLE:
+        keep = np.sort(np.random.default_rng(cfg.seed).choice(len(captions), STUDENT_SAMPLE, replace=False))
+        captions = [captions[i] for i in keep]
+    clip, _, preprocess, tokenizer = build_clip(cfg.model.name, cfg.model.pretrained, seed=cfg.seed)
+    return ClipEncoders("student", clip, preprocess, tokenizer, dist.device, cfg.eval.batch_size).encode_texts(captions)
+
+
+def stage_concepts(cfg: Config, run_dir: Path, dist: DistInfo, cache, index: PairIndex, progress: bool = True) -> None:
     from kclip.concepts import run_concepts
 
     out = run_dir / "concepts"
@@ -144,7 +160,8 @@ def stage_concepts(cfg: Config, run_dir: Path, dist: DistInfo, cache, progress: 
         return
     if dist.is_main:
         c = cfg.concepts
-        report = run_concepts(TeacherTargets(cache, cfg.loss.target_norm), out, k=c.k,
+        student = _student_text_embeddings(cfg, index, dist)
+        report = run_concepts(TeacherTargets(cache, cfg.loss.target_norm), out, student_text_embeddings=student, k=c.k,
                               backend=c.backend, seed=cfg.seed, max_iter=c.max_iter, tol=c.tol,
                               classifier_epochs=c.classifier_epochs, classifier_lr=c.classifier_lr,
                               soft_labels=c.soft_labels, temperature=c.temperature, progress=progress,
@@ -245,7 +262,7 @@ def run(cfg: Config, stages: tuple = STAGES, resume: bool = True, progress: bool
     needs_cache = {"concepts", "train", "eval"} & set(stages)
     caches = {k: open_teacher_cache(cfg, run_dir, k, v) for k, v in splits.items()} if needs_cache else {}
     if "concepts" in stages:
-        stage_concepts(cfg, run_dir, dist, caches["train"], progress)
+        stage_concepts(cfg, run_dir, dist, caches["train"], train_index, progress)
     if "train" in stages:
         result["train"] = stage_train(cfg, run_dir, dist, train_index, caches["train"], resume, progress, stop_after)
         if result["train"] and result["train"].get("stopped_early"):

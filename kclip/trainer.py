@@ -22,7 +22,7 @@ import torch
 from kclip.config import Config, deepspeed_config, to_dict
 from kclip.data import PairDataset, PairIndex, rank_batches
 from kclip.distributed import DistInfo, all_reduce_mean, barrier
-from kclip.losses import KnowledgeClipLoss
+from kclip.losses import KnowledgeClipLoss, KnowledgeClipObjective
 from kclip.model import KnowledgeClip, build_clip, export_student
 
 TRAIN_DONE = "train_done.json"
@@ -96,7 +96,12 @@ def train(cfg: Config, run_dir: Path, inputs: TrainInputs, dist: DistInfo, resum
     optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=t.lr, betas=(0.9, 0.98), eps=1e-6,
                                   **({"fused": True} if fused else {}))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(t.warmup_steps, total_steps))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+    loss_fn = KnowledgeClipLoss(cfg.loss.alpha, cfg.loss.beta, cfg.loss.gamma, cfg.loss.contrastive_impl,
+                                cfg.loss.distill_impl, world_size=dist.world_size)
+    objective = KnowledgeClipObjective(model, loss_fn)
+    if t.zero_stage == 3:
+        objective.register_for_zero3()
+    engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, dist.world_size))
     if t.compile:
         engine.compile()
@@ -113,8 +118,6 @@ def train(cfg: Config, run_dir: Path, inputs: TrainInputs, dist: DistInfo, resum
         if dist.is_main:
             print(f"[kclip] resumed from {ckpt_dir} at step {step} (epoch {epoch}, micro-batch {batch_in_epoch})")
 
-    loss_fn = KnowledgeClipLoss(cfg.loss.alpha, cfg.loss.beta, cfg.loss.gamma, cfg.loss.contrastive_impl,
-                                cfg.loss.distill_impl, group=None, world_size=dist.world_size)
     dataset = PairDataset(inputs.index, preprocess_train, tokenizer, inputs.teacher, inputs.labels, seed=cfg.seed)
 
     metrics_path = run_dir / "metrics.jsonl"
@@ -130,52 +133,51 @@ def train(cfg: Config, run_dir: Path, inputs: TrainInputs, dist: DistInfo, resum
     accum = t.grad_accum_steps
     window_t0, window_samples = time.perf_counter(), 0
     stopped = False
-    while step < total_steps and not stopped:
-        dataset.epoch = epoch
-        batches = rank_batches(n, t.batch_size, cfg.seed, epoch, dist.rank, dist.world_size)
-        batches = batches[: per_epoch * accum]
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=[b.tolist() for b in batches[batch_in_epoch:]], num_workers=cfg.data.num_workers,
-            pin_memory=dist.device.type == "cuda", persistent_workers=False)
-        for micro in loader:
-            images = micro["image"].to(dist.device, dtype, non_blocking=True)      # (B, 3, H, W)
-            tokens = micro["tokens"].to(dist.device, non_blocking=True)            # (B, L)
-            teacher = micro["teacher"].to(dist.device, non_blocking=True)          # (B, d')
-            concept = micro["concept"].to(dist.device, non_blocking=True)          # (B,)
-            out = engine(images, tokens)
-            loss, terms = loss_fn(engine.module, out, teacher, concept)
-            engine.backward(loss)
-            engine.step()
-            batch_in_epoch += 1
-            window_samples += images.shape[0] * dist.world_size
-            if batch_in_epoch % accum:
-                continue
-            step += 1
-            bar.update(1)
-            if step % t.log_every == 0 or step == total_steps or step == stop_after:
-                elapsed = time.perf_counter() - window_t0
-                record = {"step": step, "epoch": epoch, "loss": all_reduce_mean(loss.item()),
-                          **{k: all_reduce_mean(v.item()) for k, v in terms.items()},
-                          "lr": scheduler.get_last_lr()[0], "logit_scale": out["logit_scale"].item(),
-                          "pairs_per_s": window_samples / max(elapsed, 1e-9)}
-                window_t0, window_samples = time.perf_counter(), 0
-                if dist.is_main:
-                    with open(metrics_path, "a", encoding="utf-8") as f:
-                        f.write(json.dumps(record) + "\n")
-                    if writer is not None:
-                        for k, v in record.items():
-                            if k not in ("step", "epoch"):
-                                writer.add_scalar(f"train/{k}", v, step)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", pps=f"{record['pairs_per_s']:.0f}")
-            epoch_done = batch_in_epoch >= per_epoch * accum
-            next_position = (epoch + 1, 0) if epoch_done else (epoch, batch_in_epoch)
-            if step % t.checkpoint_every == 0 or step == total_steps or step == stop_after:
-                _save_checkpoint(engine, ckpt_dir, step, next_position, cfg, dist)
-            if step >= total_steps or step == stop_after:
-                stopped = step == stop_after and step < total_steps
-                break
-        if batch_in_epoch >= per_epoch * accum:
+    # One loader for the whole run: workers persist across epochs. Each sample index carries its epoch
+    # (epoch * N + row), which seeds its augmentation, so workers need no per-epoch state.
+    sampler = _ResumableBatches(n, t.batch_size, cfg.seed, dist, per_epoch * accum, epoch, batch_in_epoch)
+    workers = cfg.data.num_workers
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=workers, pin_memory=dist.device.type == "cuda",
+        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+    for micro in loader if step < total_steps else ():
+        images = micro["image"].to(dist.device, dtype, non_blocking=True)      # (B, 3, H, W)
+        tokens = micro["tokens"].to(dist.device, non_blocking=True)            # (B, L)
+        teacher = micro["teacher"].to(dist.device, non_blocking=True)          # (B, d')
+        concept = micro["concept"].to(dist.device, non_blocking=True)          # (B,)
+        loss, terms = engine(images, tokens, teacher, concept)
+        engine.backward(loss)
+        engine.step()
+        batch_in_epoch += 1
+        window_samples += images.shape[0] * dist.world_size
+        if batch_in_epoch % accum:
+            continue
+        step += 1
+        bar.update(1)
+        if step % t.log_every == 0 or step == total_steps or step == stop_after:
+            elapsed = time.perf_counter() - window_t0
+            record = {"step": step, "epoch": epoch, "loss": all_reduce_mean(loss.item()),
+                      **{k: all_reduce_mean(v.item()) for k, v in terms.items()},
+                      "lr": scheduler.get_last_lr()[0],
+                      "pairs_per_s": window_samples / max(elapsed, 1e-9)}
+            window_t0, window_samples = time.perf_counter(), 0
+            if dist.is_main:
+                with open(metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                if writer is not None:
+                    for k, v in record.items():
+                        if k not in ("step", "epoch"):
+                            writer.add_scalar(f"train/{k}", v, step)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", pps=f"{record['pairs_per_s']:.0f}")
+        epoch_done = batch_in_epoch >= per_epoch * accum
+        next_position = (epoch + 1, 0) if epoch_done else (epoch, batch_in_epoch)
+        if step % t.checkpoint_every == 0 or step == total_steps or step == stop_after:
+            _save_checkpoint(engine, ckpt_dir, step, next_position, cfg, dist)
+        if epoch_done:
             epoch, batch_in_epoch = epoch + 1, 0
+        if step >= total_steps or step == stop_after:
+            stopped = step == stop_after and step < total_steps
+            break
     bar.close()
     if writer is not None:
         writer.close()
@@ -187,6 +189,22 @@ def train(cfg: Config, run_dir: Path, inputs: TrainInputs, dist: DistInfo, resum
         _atomic_json(run_dir / TRAIN_DONE, summary)
     barrier()
     return summary
+
+
+class _ResumableBatches:
+    """This rank's micro-batches from (epoch, micro-batch) on, forever; indices are ``epoch * n + row``."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, dist: DistInfo, per_epoch: int, epoch: int, start: int):
+        self.n, self.batch_size, self.seed, self.dist = n, batch_size, seed, dist
+        self.per_epoch, self.epoch, self.start = per_epoch, epoch, start
+
+    def __iter__(self):
+        epoch, start = self.epoch, self.start
+        while True:
+            batches = rank_batches(self.n, self.batch_size, self.seed, epoch, self.dist.rank, self.dist.world_size)
+            for b in batches[start:self.per_epoch]:
+                yield (b + epoch * self.n).tolist()
+            epoch, start = epoch + 1, 0
 
 
 def _atomic_json(path: Path, obj) -> None:
@@ -210,7 +228,7 @@ def _save_checkpoint(engine, ckpt_dir: Path, step: int, position: tuple, cfg: Co
 
 def _export(engine, run_dir: Path, cfg: Config, dist: DistInfo) -> None:
     """Write the student's open_clip weights (gathered from ZeRO-3 partitions when needed)."""
-    module = engine.module
+    module = engine.module.model
     if cfg.train.zero_stage == 3:
         import deepspeed
         with deepspeed.zero.GatheredParameters(list(module.clip.parameters()), modifier_rank=None):

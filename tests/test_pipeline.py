@@ -112,3 +112,16 @@ def test_cache_from_another_teacher_config_is_refused(base_run, tmp_path):
     with pytest.raises(CacheMismatchError) as e:
         run(_cfg(tmp_path, "teacher.pooling=last"), stages=("concepts",), progress=False)
     assert "pooling" in str(e.value) and "teacher" in str(e.value)
+
+
+def test_zero3_with_loader_workers_trains_like_zero2(base_run, tmp_path):
+    """ZeRO-3 partitions W_e, which the fused L_emb reads as a GEMM operand: the objective must gather it.
+    Loader workers persist across epochs and must feed exactly the samples the main process would."""
+    run_dir, _ = base_run
+    _copy_upstream(run_dir, tmp_path)
+    run(_cfg(tmp_path, "train.zero_stage=3", "data.num_workers=2", "loss.contrastive_impl=reference",
+             "loss.distill_impl=reference"), stages=("train",), progress=False)
+    for a, b in zip(_losses(tmp_path), _losses(run_dir)):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * max(1.0, abs(b["loss"])), (a, b)
+    import open_clip
+    open_clip.create_model("kclip-tiny", pretrained=str(tmp_path / "student.safetensors"))
