@@ -169,6 +169,27 @@ def _check_equal_rows(n_local: int, device: torch.device, process_group) -> None
 if triton is not None:
 
     @triton.jit
+    def _cosine_tile(a_rows, b_rows, row_mask, col_mask, D,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr):
+        """A (BLOCK_M, BLOCK_N) tile of A @ B.T over D in BLOCK_K steps, fp32 accumulation (both passes use it)."""
+        g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            if EVEN_K:  # D % BLOCK_K == 0: row/column masks only (fewer registers)
+                a = tl.load(a_rows + ks[None, :], mask=row_mask[:, None], other=0.0)
+                b = tl.load(b_rows + ks[None, :], mask=col_mask[:, None], other=0.0)
+            else:
+                k_mask = ks < D
+                a = tl.load(a_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                b = tl.load(b_rows + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            g = tl.dot(a, tl.trans(b), g, input_precision=PRECISION)
+        return g
+
+    @triton.jit
     def _row_stats_kernel(
         a_ptr, b_ptr, scale_ptr,            # A (NA, D), B (NB, D), s (1,)
         lse_ptr, w_ptr, diag_ptr,           # outputs (NA,) fp32 each
@@ -191,20 +212,8 @@ if triton is not None:
             cols = n0 + tl.arange(0, BLOCK_N)
             col_mask = cols < NB
             b_rows = b_ptr + cols.to(tl.int64)[:, None] * stride_b
-            g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)  # cosines of this tile
-            for k0 in range(0, D, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                if EVEN_K:  # D % BLOCK_K == 0: row/column masks only (fewer registers)
-                    a = tl.load(a_rows + ks[None, :], mask=row_mask[:, None], other=0.0)
-                    b = tl.load(b_rows + ks[None, :], mask=col_mask[:, None], other=0.0)
-                else:
-                    k_mask = ks < D
-                    a = tl.load(a_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-                    b = tl.load(b_rows + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-                if UPCAST:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-                g = tl.dot(a, tl.trans(b), g, input_precision=PRECISION)
+            g = _cosine_tile(a_rows, b_rows, row_mask, col_mask, D,  # (BM, BN) cosines of this tile
+                             BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION, EVEN_K)
             t = tl.where(col_mask[None, :], g * qk, float("-inf"))  # (BM, BN) base-2 logits
             m_new = tl.maximum(m, tl.max(t, axis=1))
             alpha = tl.exp2(m - m_new)
@@ -256,20 +265,8 @@ if triton is not None:
             cols = n0 + tl.arange(0, BLOCK_N)
             col_mask = cols < NB
             b_rows = b_ptr + cols.to(tl.int64)[:, None] * stride_b
-            g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-            for k0 in range(0, D, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                if EVEN_K:  # D % BLOCK_K == 0: row/column masks only (fewer registers)
-                    a = tl.load(a_rows + ks[None, :], mask=row_mask[:, None], other=0.0)
-                    b = tl.load(b_rows + ks[None, :], mask=col_mask[:, None], other=0.0)
-                else:
-                    k_mask = ks < D
-                    a = tl.load(a_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-                    b = tl.load(b_rows + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-                if UPCAST:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-                g = tl.dot(a, tl.trans(b), g, input_precision=PRECISION)
+            g = _cosine_tile(a_rows, b_rows, row_mask, col_mask, D,  # (BM, BN) cosines of this tile
+                             BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION, EVEN_K)
             t = g * qk
             rb = tl.load(lse_b_ptr + cols, mask=col_mask, other=float("inf")) * 1.4426950408889634
             p = tl.exp2(t - ra[:, None]) + tl.exp2(t - rb[None, :])
