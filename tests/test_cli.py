@@ -25,7 +25,8 @@ def _train_py():
 def test_train_py_takes_deepspeed_flags_and_overrides(captured, monkeypatch):
     import sys
     monkeypatch.setattr(sys, "path", list(sys.path))  # train.py drops the repo root from sys.path
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "0")  # records the original state, restored after the test
+    monkeypatch.delenv("LOCAL_RANK")
     assert _train_py().main(["--local_rank=1", "--config", str(REPO_ROOT / "configs/tiny.yaml"),
                              "train.epochs=1", "--deepspeed_config", "configs/ds/zero3.json", "--no-resume"]) == 0
     cfg, kw = captured[0]
