@@ -345,6 +345,9 @@ def build_cache(teacher, captions: Sequence[str], out_dir: str | os.PathLike, sh
     is_dist, drank, dworld = _dist_info()
     if is_dist and world_size == 1 and dworld > 1:
         rank, world_size = drank, dworld
+    # Barriers only when the process group spans exactly the ranks of this build (a one-rank group, or a
+    # group of another size, cannot coordinate it: then rank 0 finalises once every shard exists).
+    is_dist = is_dist and dworld > 1 and dworld == world_size
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"build_cache: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     if uids is not None and len(uids) != n:
@@ -390,7 +393,7 @@ def build_cache(teacher, captions: Sequence[str], out_dir: str | os.PathLike, sh
         _barrier()
     manifest = None
     if rank == 0:
-        manifest = _finalize(teacher, out_dir, config, ours, num_shards, shard_caps, n, uids)
+        manifest = _finalize(teacher, out_dir, config, ours, num_shards, shard_caps, n, uids, is_dist)
     if is_dist:
         _barrier()
     if manifest is None:
@@ -411,7 +414,7 @@ def _manifest_from(teacher, config: dict, ours: dict, num_shards: int, shards: l
 
 
 def _finalize(teacher, out_dir: Path, config: dict, ours: dict, num_shards: int, shard_caps: list[str], n: int,
-              uids) -> Manifest:
+              uids, coordinated: bool) -> Manifest:
     """Rank 0: collect every shard's sidecar (sizes checked; each rank verified its own sums) and write the manifest."""
     shards, missing = [], []
     for i in range(num_shards):
@@ -423,9 +426,8 @@ def _finalize(teacher, out_dir: Path, config: dict, ours: dict, num_shards: int,
         shards.append({"file": shard_path(out_dir, i).name, "count": e - s, "bytes": side["bytes"],
                        "sha256": side["sha256"], "captions_sha256": side["captions_sha256"]})
     if missing:
-        is_dist = _dist_info()[0]
         msg = (f"cache {out_dir}: {len(missing)} of {num_shards} shards missing (first: {missing[:5]})")
-        if is_dist:
+        if coordinated:
             raise CacheCorruptError(msg + " after all ranks finished; a rank failed: rerun build_cache on all ranks")
         log.warning("%s; other ranks still running? Run build_cache on rank 0 again when they finish.", msg)
         return _manifest_from(teacher, config, ours, num_shards, shards, complete=False)
