@@ -15,7 +15,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kclip.kernels import clip_contrastive_loss as _  # noqa: E402,F401  (binds the package)
+import kclip.kernels  # noqa: E402,F401  (binds the public functions before the op modules are read)
 
 TARGET = GPUTarget("cuda", 90, 32)
 H100_MAX_SHARED = 232_448  # bytes of shared memory one block may opt into on sm_90 (227 KiB)
