@@ -257,18 +257,56 @@ def rank_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, worl
             for i in range(n_batches)]
 
 
+class DeviceNormalize:
+    """The ``ToTensor`` + ``Normalize`` tail of an open_clip transform, run on the device over uint8 batches.
+
+    Workers then ship 1 byte per pixel instead of 4 (4x less IPC and host-to-device traffic), and the
+    arithmetic runs where the model is. In fp32 the result equals the torchvision transform exactly.
+    """
+
+    def __init__(self, mean, std):
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)    # (1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)      # (1, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        x = images.to(torch.float32).div_(255)                                   # (B, 3, H, W)
+        x = x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
+        return x.to(dtype)
+
+
+def split_transform(preprocess):
+    """(PIL-side transform, DeviceNormalize) for a transform ending in ToTensor + Normalize, else None."""
+    from torchvision import transforms as T
+
+    steps = list(getattr(preprocess, "transforms", []))
+    if len(steps) < 2 or not isinstance(steps[-1], T.Normalize):
+        return None
+    if type(steps[-2]).__name__ not in ("ToTensor", "MaybeToTensor"):
+        return None
+    return T.Compose(steps[:-2]), DeviceNormalize(steps[-1].mean, steps[-1].std)
+
+
+def _to_uint8_chw(img) -> torch.Tensor:
+    """A PIL RGB image as a (3, H, W) uint8 tensor (what ToTensor reads, before its division by 255)."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+
+
 class PairDataset(torch.utils.data.Dataset):
     """(image, tokens, teacher target, concept label) per sample index ``epoch * N + row``.
 
     The epoch travels in the index so that persistent workers need no per-epoch state: augmentation
     randomness is seeded per (seed, epoch, row), and a sample looks the same whether it is read in a
     worker or the main process, before or after a resume.
+
+    With ``uint8_images`` (and a transform that ends in ToTensor + Normalize) images come out as (3, H, W)
+    uint8 and ``self.normalize`` (a :class:`DeviceNormalize`) finishes them on the device.
     """
 
     def __init__(self, index: PairIndex, preprocess, tokenizer, teacher_embeddings=None, concept_labels=None,
-                 seed: int = 0):
+                 seed: int = 0, uint8_images: bool = True):
         self.pairs = index.pairs
-        self.preprocess = preprocess
+        split = split_transform(preprocess) if uint8_images else None
+        self.preprocess, self.normalize = split if split is not None else (preprocess, None)
         self.tokenizer = tokenizer
         self.teacher = teacher_embeddings       # object with get(indices) -> (n, d') float32, or None
         self.labels = concept_labels            # (N,) int64 tensor, or None
@@ -288,6 +326,8 @@ class PairDataset(torch.utils.data.Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hash((self.seed, epoch, i)) & 0x7FFF_FFFF)
             image = self.preprocess(img)                                    # (3, H, W)
+        if self.normalize is not None:
+            image = _to_uint8_chw(image)                                    # (3, H, W) uint8
         item = {"image": image, "tokens": self.tokenizer([pair.caption])[0], "index": i}
         if self.teacher is not None:
             item["teacher"] = torch.from_numpy(np.ascontiguousarray(self.teacher.get([i])[0]))  # (d',)

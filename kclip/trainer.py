@@ -141,7 +141,8 @@ def train(cfg: Config, run_dir: Path, inputs: TrainInputs, dist: DistInfo, resum
         dataset, batch_sampler=sampler, num_workers=workers, pin_memory=dist.device.type == "cuda",
         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
     for micro in loader if step < total_steps else ():
-        images = micro["image"].to(dist.device, dtype, non_blocking=True)      # (B, 3, H, W)
+        images = micro["image"].to(dist.device, non_blocking=True)             # (B, 3, H, W) uint8
+        images = dataset.normalize(images, dtype) if dataset.normalize else images.to(dtype)
         tokens = micro["tokens"].to(dist.device, non_blocking=True)            # (B, L)
         teacher = micro["teacher"].to(dist.device, non_blocking=True)          # (B, d')
         concept = micro["concept"].to(dist.device, non_blocking=True)          # (B,)

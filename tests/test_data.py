@@ -122,3 +122,26 @@ def test_rank_batches_partition_the_global_batch():
     for i in range(6):
         assert np.array_equal(np.concatenate([two[0][i], two[1][i]]), one[i])
     assert not np.array_equal(rank_batches(50, 8, 3, 2, 0, 1)[0], one[0])  # a new order each epoch
+
+
+def test_uint8_images_normalised_on_device_equal_the_open_clip_transform(tmp_path):
+    """Workers ship uint8; DeviceNormalize finishes the transform: the same tensor as open_clip's, exactly."""
+    import torch
+
+    from kclip.data import PairDataset
+    from kclip.model import build_clip
+
+    generate(tmp_path, n_train_images=6, n_val_images=2, image_size=32, progress=False)
+    idx = build_index("csv", str(tmp_path / "train.csv"), uid_column="uid", progress=False)
+    _, preprocess_train, preprocess_val, tokenizer = build_clip("kclip-tiny", seed=0)
+    for preprocess in (preprocess_train, preprocess_val):
+        fast = PairDataset(idx, preprocess, tokenizer, seed=5)
+        slow = PairDataset(idx, preprocess, tokenizer, seed=5, uint8_images=False)
+        assert fast.normalize is not None and slow.normalize is None
+        for i in (0, 3, len(idx.pairs) + 3):  # the last one: epoch 1, a different augmentation
+            u8 = fast[i]["image"]
+            assert u8.dtype == torch.uint8 and u8.shape == (3, 32, 32)
+            torch.testing.assert_close(fast.normalize(u8[None])[0], slow[i]["image"], atol=0, rtol=0)
+        n = len(idx.pairs)
+        changed = [not torch.equal(fast[i]["image"], fast[n + i]["image"]) for i in range(n)]
+        assert any(changed) == (preprocess is preprocess_train)  # augmentation differs by epoch; eval does not
