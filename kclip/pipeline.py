@@ -200,8 +200,20 @@ class CachedTeacherTexts:
         missing = [t for t in texts if t not in self._rows]
         if missing:
             raise KeyError(f"teacher embedding not cached for {len(missing)} texts (e.g. {missing[0]!r})")
-        rows = [torch.from_numpy(cache.get([i])[0]) for cache, i in (self._rows[t] for t in texts)]
-        return torch.nn.functional.normalize(torch.stack(rows).float(), dim=-1)
+        groups: dict = {}                                  # one gather per cache, not one read per caption
+        for j, t in enumerate(texts):
+            cache, i = self._rows[t]
+            positions, rows = groups.setdefault(id(cache), (cache, [], []))[1:]
+            positions.append(j)
+            rows.append(i)
+        out = None
+        for cache, positions, rows in groups.values():
+            if out is None:
+                out = np.empty((len(texts), cache.dim), dtype=np.float32)    # (n, d')
+            out[positions] = cache.get(rows)
+        if out is None:
+            return torch.empty(0, 0)
+        return torch.nn.functional.normalize(torch.from_numpy(out), dim=-1)
 
 
 def stage_eval(cfg: Config, run_dir: Path, dist: DistInfo, splits: dict, caches: dict, progress: bool = True) -> dict | None:

@@ -85,7 +85,6 @@ def train(cfg: Config, run_dir: Path, inputs: TrainInputs, dist: DistInfo, resum
         raise ValueError(f"{n} training pairs make no full global batch of train.batch_size={t.batch_size} x "
                          f"{dist.world_size} ranks x grad_accum_steps={t.grad_accum_steps}: lower train.batch_size")
     total_steps = t.max_steps or per_epoch * t.epochs
-    torch.manual_seed(cfg.seed)
     clip, preprocess_train, _, tokenizer = build_clip(cfg.model.name, cfg.model.pretrained, seed=cfg.seed)
     if cfg.model.grad_checkpointing:
         clip.set_grad_checkpointing(True)
