@@ -33,7 +33,8 @@ setup(
     extras_require={
         "test": ["pytest>=7", "pytest-timeout>=2"],
         "bench": ["inf-cl", "fast-pytorch-kmeans", "flash-kmeans"],
-        "gpu": ["cuml-cu12"],
+        # cuML on the GPU, built for CUDA 13 like PyPI's torch; with a CUDA 12 torch install cuml-cu12 instead
+        "gpu": ["cuml-cu13>=25.10"],
     },
     entry_points={"console_scripts": ["kclip=kclip.cli:main"]},
 )

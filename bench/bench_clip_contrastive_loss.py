@@ -6,8 +6,8 @@ Side by side in one process on one device:
 * ``eager``   - open_clip's ``ClipLoss`` (materialises two N x N logit matrices);
 * ``compile`` - ``torch.compile`` of ``clip_contrastive_loss_reference``;
 * ``inf_cl``  - Inf-CL (``from inf_cl import cal_inf_loss``), symmetric as
-  ``0.5 * (cal_inf_loss(I, T, scale=s) + cal_inf_loss(T, I, scale=s))``; CUDA only, skipped when it
-  does not import or run.
+  ``0.5 * (cal_inf_loss(s * I, T) + cal_inf_loss(T, s * I))`` (the scale rides on the features: Inf-CL's
+  ``scale=`` all-reduces in backward and needs a process group); CUDA only, skipped when it does not import.
 
 Each record: provenance, N, D, dtype, impl, ms_median/p20/p80 of forward+backward, peak memory above the
 inputs (GPU), ``oom: true`` when that impl ran out of memory at that N. For ``kclip`` also the achieved
@@ -46,6 +46,12 @@ def _parse(argv):
     p.add_argument("--device", help="default cuda if available else cpu")
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile impl")
+    p.add_argument("--materialising-max-n", type=int, default=None,
+                   help="largest N for the impls that build the N x N logits (eager, compile); above it they are "
+                        "recorded as skipped instead of run into an OOM (default: no limit)")
+    p.add_argument("--tune", action="store_true",
+                   help="instead of the comparison: time the kernel under other launch configurations (TUNE_STATS, "
+                        "TUNE_GRAD), each checked against the default configuration's loss and gradients")
     p.add_argument("--results-dir", help="where the JSONL and the plot go (default bench/results)")
     return p.parse_args(argv)
 
@@ -62,11 +68,73 @@ def _inf_cl_loss():
     from inf_cl import cal_inf_loss
 
     def loss(img, txt, s):
+        # Inf-CL's own ``scale=`` argument all-reduces its gradient in backward, which fails without a
+        # process group; scaling the image features instead gives the same logits s * I @ T.T, and autograd
+        # carries the gradient to s through the product.
         d = img.shape[1]
         head_dim = next(h for h in (256, 128, 64, 32, 16) if d % h == 0)
-        return 0.5 * (cal_inf_loss(img, txt, scale=s, head_dim=head_dim)
-                      + cal_inf_loss(txt, img, scale=s, head_dim=head_dim))
+        img_s = img * s.to(img.dtype)  # (N, D)
+        return 0.5 * (cal_inf_loss(img_s, txt, head_dim=head_dim) + cal_inf_loss(txt, img_s, head_dim=head_dim))
     return loss
+
+
+# Launch configurations tried by --tune (sm_90 candidates; the first of each list is today's heuristic for D >= 512).
+TUNE_STATS = [dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
+              dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+              dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+              dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, num_warps=8, num_stages=2)]
+TUNE_GRAD = [dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, BLOCK_DO=512, num_warps=8, num_stages=2),
+             dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, BLOCK_DO=512, num_warps=8, num_stages=2),
+             dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_DO=256, num_warps=8, num_stages=2),
+             dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, BLOCK_DO=256, num_warps=8, num_stages=2),
+             dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, BLOCK_DO=128, num_warps=8, num_stages=2)]
+# --quick (interpreter): one variant of each kernel, different from the interpreter's default tiles
+TUNE_QUICK_STATS = [dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)]
+TUNE_QUICK_GRAD = [dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, BLOCK_DO=16, num_warps=4, num_stages=1)]
+
+
+def tune(ns, ds, dtype, device, log, prov, reps) -> list:
+    """Time fwd+bwd of the kernel under other launch configurations (one kernel varied at a time), checking
+    each variant's loss and gradients against the default configuration's."""
+    kmod = import_module("kclip.kernels.clip_contrastive_loss")
+    quick = device.type == "cpu"
+    variants = [("default", None, None)]
+    variants += [("stats", c, None) for c in (TUNE_QUICK_STATS if quick else TUNE_STATS[1:])]
+    variants += [("grad", None, c) for c in (TUNE_QUICK_GRAD if quick else TUNE_GRAD[1:])]
+    records = []
+    for d in ds:
+        for n in ns:
+            img, txt, s = _inputs(n, d, dtype, device)
+            want = None
+            for which, stats, grad in variants:
+                kmod.LAUNCH_OVERRIDES.clear()
+                if stats:
+                    kmod.LAUNCH_OVERRIDES["stats"] = stats
+                if grad:
+                    kmod.LAUNCH_OVERRIDES["grad"] = grad
+                rec = dict(prov, N=n, D=d, dtype=str(dtype).replace("torch.", ""), impl="kclip-tune", varied=which,
+                           stats_cfg=kmod._stats_blocks(d), grad_cfg=kmod._grad_blocks(d))
+                try:
+                    _step(kmod.clip_contrastive_loss, img, txt, s)
+                    loss = kmod.clip_contrastive_loss(img, txt, s).detach().float()
+                    got = (loss, img.grad.float(), txt.grad.float(), s.grad.float())
+                    if want is None:
+                        want = got
+                    rec["max_rel_err_vs_default"] = max(float((g - w).norm() / w.norm().clamp_min(1e-30))
+                                                        for g, w in zip(got, want))
+                    rec.update(harness.time_fn(lambda: _step(kmod.clip_contrastive_loss, img, txt, s), device, **reps))
+                    rec["tflops"] = 4 * n * n * d * 2 / (rec["ms_median"] * 1e-3) / 1e12
+                except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory / registers: a result
+                    rec["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                finally:
+                    kmod.LAUNCH_OVERRIDES.clear()
+                records.append(log.add(rec))
+                cfg = stats if which == "stats" else grad
+                print(f"tune N={n} D={d} {which:>7} {cfg or ''}: " + (rec.get("error") or
+                      f"{rec['ms_median']:.3f} ms, {rec['tflops']:.0f} TFLOP/s, err {rec['max_rel_err_vs_default']:.1e}"),
+                      flush=True)
+            img = txt = s = None
+    return records
 
 
 def _make_impls(names, device, compile_ok):
@@ -103,6 +171,10 @@ def main(argv=None):
     if device.type == "cpu" and "triton" not in sys.modules:
         # Triton kernels run on CPU only in the interpreter, which must be chosen before triton loads.
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    if args.tune:
+        prov = harness.provenance(device)
+        return tune(ns, ds, dtype, device, harness.ResultsLog(NAME, args.results_dir), prov,
+                    dict(warmup=1, rep=3) if args.quick else {})
     # torch.compile on CPU needs a C++ toolchain and takes tens of seconds: GPU only unless asked for.
     compile_ok = not args.no_compile and (device.type == "cuda" or not args.quick)
     impls, kmod = _make_impls(args.impls, device, compile_ok)
@@ -112,12 +184,19 @@ def main(argv=None):
     # the CPU interpreter is slow: few repetitions in --quick (its times are not meaningful anyway)
     reps = dict(warmup=1, rep=5) if args.quick else {}
     prov = harness.provenance(device)
+    log = harness.ResultsLog(NAME, args.results_dir)
     records = []
     for d in ds:
         for n in ns:
             for name, fn in impls.items():
                 rec = dict(prov, N=n, D=d, dtype=str(dtype).replace("torch.", ""), impl=name,
                            series=f"{name} D={d}", oom=False)
+                if name in ("eager", "compile") and args.materialising_max_n and n > args.materialising_max_n:
+                    rec["skipped"] = (f"N > --materialising-max-n {args.materialising_max_n}: the N x N logits "
+                                      f"alone are {n * n * dtype.itemsize / 2**30:.0f} GiB per copy")
+                    records.append(log.add(rec))
+                    print(f"N={n:>7} D={d:>4} {name:>8}: skipped ({rec['skipped']})", flush=True)
+                    continue
                 try:
                     img, txt, s = _inputs(n, d, dtype, device)
                     launches = kmod.TRITON_LAUNCHES
@@ -143,12 +222,12 @@ def main(argv=None):
                     if rec.get("ms_median"):
                         rec["tflops"] = rec["flops"] / (rec["ms_median"] * 1e-3) / 1e12
                         rec["tflops_executed"] = rec["flops_executed"] / (rec["ms_median"] * 1e-3) / 1e12
-                records.append(rec)
+                records.append(log.add(rec))
                 status = "OOM" if rec["oom"] else rec.get("error") or (
                     f"{rec['ms_median']:.3f} ms  mem={rec.get('peak_mem_mib')}")
                 print(f"N={n:>7} D={d:>4} {name:>8}: {status}", flush=True)
 
-    out = harness.append_results(NAME, records, args.results_dir)
+    out = log.path
     harness.plot_vs(records, "N", ["ms_median", "peak_mem_mib"], "series", Path(out).with_suffix(".png"),
                     title=f"clip_contrastive_loss fwd+bwd, {prov['device']}, {rec['dtype']}")
     print(f"results -> {out}")

@@ -170,7 +170,14 @@ def main(argv=None) -> list[dict]:
                    "flash-kmeans": ("flash_kmeans", run_flash_kmeans),
                    "fast-pytorch-kmeans": ("fast_pytorch_kmeans", run_fast_pytorch_kmeans)}
     prov = harness.provenance(device)
+    log = harness.ResultsLog("kmeans", a.results_dir)
     records: list[dict] = []
+
+    def add(rec: dict) -> None:  # on disk at once: a killed run keeps what it measured
+        records.append(log.add(rec))
+        ms = rec.get("ms_per_iter") or rec.get("assign_ms")
+        print(f"{rec['impl']:>24} n={rec['n']:>8} " + (f"{ms:10.2f} ms " if ms is not None else " " * 14)
+              + str(rec.get("error") or rec.get("skipped") or rec.get("note") or ""), flush=True)
 
     for n in sizes:
         x = _planted(n, d, k, dtype, device)  # (N, D)
@@ -187,26 +194,29 @@ def main(argv=None) -> list[dict]:
                 try:
                     t = harness.time_fn(fn, device, warmup=1, rep=3 if device.type == "cpu" else 10)
                     mem = harness.peak_memory_bytes(fn, device)
-                    records.append(dict(base, impl=name, assign_ms=t["ms_median"], ms_p20=t["ms_p20"],
-                                        ms_p80=t["ms_p80"], peak_bytes=mem, ms_per_iter=None, fit_s=None))
+                    add(dict(base, impl=name, assign_ms=t["ms_median"], ms_p20=t["ms_p20"],
+                             ms_p80=t["ms_p80"], peak_bytes=mem, ms_per_iter=None, fit_s=None))
                 except Exception as exc:  # OOM or a missing feature: record and go on
-                    records.append(dict(base, impl=name, error=f"{type(exc).__name__}: {exc}"[:300],
-                                        oom=harness.is_oom(exc)))
+                    add(dict(base, impl=name, error=f"{type(exc).__name__}: {exc}"[:300],
+                             oom=harness.is_oom(exc)))
 
         for impl, (module, runner) in gpu_runners.items():
             if impl not in impls:
                 continue
             if module is not None and (device.type != "cuda" or not _available(module)):
-                records.append(dict(base, impl=impl, skipped="not importable" if device.type == "cuda"
-                                    else "GPU only"))
+                why = "GPU only" if device.type != "cuda" else "not importable"
+                if impl == "cuml" and device.type == "cuda":
+                    why = ("not importable: cuML comes with the [gpu] extra (cuml-cu13), about 640 MB of wheels for "
+                           "CUDA 13, more than a benchmark machine without an index can be sent")
+                add(dict(base, impl=impl, skipped=why))
                 continue
             try:
                 (n_iter, inertia, extra), sec, peak = _timed(lambda: runner(x, init, iters, device), device)
-                records.append(dict(base, impl=impl, n_iter=n_iter, fit_s=sec, ms_per_iter=1e3 * sec / max(1, n_iter),
-                                    inertia=inertia, peak_bytes=peak, **extra))
+                add(dict(base, impl=impl, n_iter=n_iter, fit_s=sec, ms_per_iter=1e3 * sec / max(1, n_iter),
+                         inertia=inertia, peak_bytes=peak, **extra))
             except Exception as exc:
-                records.append(dict(base, impl=impl, error=f"{type(exc).__name__}: {exc}"[:300],
-                                    oom=harness.is_oom(exc)))
+                add(dict(base, impl=impl, error=f"{type(exc).__name__}: {exc}"[:300],
+                         oom=harness.is_oom(exc)))
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
 
@@ -223,25 +233,21 @@ def main(argv=None) -> list[dict]:
                 note.append(f"uniform subsample of {sub_n} of {n} points")
             if sk_it < iters:
                 note.append(f"iterations capped at {sk_it} (others ran {iters})")
-            records.append(dict(base, impl="sklearn", device_used="cpu", n_iter=n_iter, fit_s=sec,
-                                ms_per_iter=1e3 * sec / max(1, n_iter), inertia=inertia, subsample_n=sub_n,
-                                max_iter=sk_it, peak_bytes=None, note="; ".join(note) or "full data"))
+            add(dict(base, impl="sklearn", device_used="cpu", n_iter=n_iter, fit_s=sec,
+                     ms_per_iter=1e3 * sec / max(1, n_iter), inertia=inertia, subsample_n=sub_n,
+                     max_iter=sk_it, peak_bytes=None, note="; ".join(note) or "full data"))
             del x_np
         del x
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    out = harness.append_results("kmeans", records, a.results_dir)
+    out = log.path
     plot_recs = [dict(r, ms=r.get("ms_per_iter") or r.get("assign_ms"), peak_mib=(r["peak_bytes"] / 2**20
                  if r.get("peak_bytes") else None)) for r in records]
     panels = ["ms"] + (["peak_mib"] if any(r["peak_mib"] for r in plot_recs) else [])
     harness.plot_vs(plot_recs, "n", panels, "impl", out.parent / "kmeans.png",
                     title=f"k-means, D={d}, K={k}, {dtype}, {prov['device']} (ms = per Lloyd iteration; "
                           "*-assign = assignment only)")
-    for r in records:
-        ms = r.get("ms_per_iter") or r.get("assign_ms")
-        status = r.get("error") or r.get("skipped") or r.get("note") or ""
-        print(f"{r['impl']:>24} n={r['n']:>8} " + (f"{ms:10.2f} ms " if ms is not None else " " * 14) + status)
     return records
 
 

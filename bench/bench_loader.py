@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.harness import RESULTS_DIR, append_results, plot_vs, provenance
+from bench.harness import RESULTS_DIR, ResultsLog, plot_vs, provenance
 
 NAME = "loader"
 
@@ -283,6 +283,7 @@ def main(argv=None) -> list[dict]:
             "image_format": args.image_format, "batch": args.batch_size, "num_pairs": n,
             "teacher_dim": args.teacher_dim, "pin_memory": device.type == "cuda", "cpu_count": os.cpu_count(),
             "prepare_s": prep_s}
+    log = ResultsLog(NAME, results_dir)
     records = []
     sets = [("pairdataset", real)] + ([] if args.no_control else [("in-memory", control)])
     for workers in args.workers:
@@ -292,7 +293,7 @@ def main(argv=None) -> list[dict]:
                 rec.update(measure(dataset, batches, workers, device))
             except Exception as exc:  # noqa: BLE001 - keep the other configurations
                 rec["error"] = f"{type(exc).__name__}: {exc}"[:400]
-            records.append(rec)
+            records.append(log.add(rec))  # on disk at once: a killed run keeps what it measured
             if "error" in rec:
                 print(f"{impl:>12} workers={workers}: ERROR {rec['error']}", flush=True)
             else:
@@ -308,7 +309,7 @@ def main(argv=None) -> list[dict]:
     print("\n".join(lines))
     if device.type == "cpu":
         print("(CPU run: rates depend on this machine's cores; compare within the run)")
-    out = append_results(NAME, records, results_dir)
+    out = log.update()  # keeps_up, into this run's lines
     ok = [r for r in records if r.get("pairs_per_s")]
     if ok:
         plot_vs([{**r, "workers_plus_1": r["num_workers"] + 1} for r in ok], "workers_plus_1", ["pairs_per_s"],

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bench.harness import RESULTS_DIR, append_results, is_oom, peak_memory_bytes, plot_vs, provenance, time_fn
+from bench.harness import RESULTS_DIR, ResultsLog, is_oom, peak_memory_bytes, plot_vs, provenance, time_fn
 
 NAME = "projected_mse_loss"
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -105,6 +105,17 @@ def _measure(impl, fn, device):
         return rec
 
 
+def _autotune_best() -> str | None:
+    """The forward kernel's autotune winner for the last shape it ran (what the timings above used)."""
+    try:
+        from kclip.kernels.projected_mse_loss import _forward_kernel
+
+        best = getattr(_forward_kernel()[0], "best_config", None)
+        return None if best is None else str(best)
+    except Exception:  # noqa: BLE001 - reporting only
+        return None
+
+
 def _ratio(num, den):
     return None if num is None or den is None or den == 0 else num / den
 
@@ -118,6 +129,7 @@ def main(argv=None):
         raise SystemExit("bench_projected_mse_loss: no CUDA device; run with --quick (CPU) or on a GPU machine.")
     dtype = _DTYPES[args.dtype]
     prov = provenance(device)
+    log = ResultsLog(NAME, args.results_dir)
     records = []
     for d in args.dims:
         for B in args.batch_sizes:
@@ -132,44 +144,46 @@ def main(argv=None):
             except Exception as exc:  # noqa: BLE001
                 if not is_oom(exc):
                     raise
-                for impl in args.impls:
-                    shape_recs[impl] = {"ms_median": None, "peak_mem_bytes": None, "oom": True,
-                                        "error": "OOM allocating inputs"}
                 x = w = b = t = None
+
+            def record(impl, measured):
+                rec = {**prov, "op": NAME, "impl": impl, "B": B, "d": d, "d_out": args.d_out, "dtype": args.dtype,
+                       "bias": True, "quick": args.quick, "series": f"{impl} d={d}", **measured}
+                shape_recs[impl] = log.add(rec)  # on disk now: a killed run keeps what it measured
+                records.append(rec)
+                ms, mem = rec.get("ms_median"), rec.get("peak_mem_bytes")
+                print(f"d={d:4d} B={B:6d} {impl:8s} "
+                      f"{'OOM' if rec.get('oom') else ('err' if ms is None else f'{ms:9.3f} ms')}"
+                      f"{'' if mem is None else f'  peak {mem / 2**20:9.1f} MiB'}", flush=True)
+
             if x is not None:
-                for impl, fn in _step_fns(args.impls, x, w, b, t).items():
-                    shape_recs[impl] = _measure(impl, fn, device)
                 kernel_path = "triton" if use_triton(x) else "reference"
+                for impl, fn in _step_fns(args.impls, x, w, b, t).items():
+                    record(impl, _measure(impl, fn, device))
             else:
                 kernel_path = None
+                for impl in args.impls:
+                    record(impl, {"ms_median": None, "peak_mem_bytes": None, "oom": True,
+                                  "error": "OOM allocating inputs"})
             del x, w, b, t
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
             kernel_ms = shape_recs.get("kernel", {}).get("ms_median")
-            for impl, rec in shape_recs.items():
-                rec = {**prov, "op": NAME, "impl": impl, "B": B, "d": d, "d_out": args.d_out, "dtype": args.dtype,
-                       "bias": True, "quick": args.quick, "series": f"{impl} d={d}", **rec}
-                if impl == "kernel":
-                    rec["kernel_path"] = kernel_path
-                    rec["eager_over_kernel"] = _ratio(shape_recs.get("eager", {}).get("ms_median"), kernel_ms)
-                    rec["compile_over_kernel"] = _ratio(shape_recs.get("compile", {}).get("ms_median"), kernel_ms)
-                    rec["kernel_over_floor"] = _ratio(kernel_ms, shape_recs.get("floor", {}).get("ms_median"))
-                records.append(rec)
-                ms = rec.get("ms_median")
-                mem = rec.get("peak_mem_bytes")
-                print(f"d={d:4d} B={B:6d} {impl:8s} "
-                      f"{'OOM' if rec.get('oom') else ('err' if ms is None else f'{ms:9.3f} ms')}"
-                      f"{'' if mem is None else f'  peak {mem / 2**20:9.1f} MiB'}", flush=True)
-            kr = next(r for r in records[::-1] if r["impl"] == "kernel" and r["B"] == B and r["d"] == d) \
-                if "kernel" in shape_recs else None
+            kr = shape_recs.get("kernel")
             if kr is not None:
+                kr["kernel_path"] = kernel_path
+                kr["autotune_best"] = _autotune_best()
+                kr["eager_over_kernel"] = _ratio(shape_recs.get("eager", {}).get("ms_median"), kernel_ms)
+                kr["compile_over_kernel"] = _ratio(shape_recs.get("compile", {}).get("ms_median"), kernel_ms)
+                kr["kernel_over_floor"] = _ratio(kernel_ms, shape_recs.get("floor", {}).get("ms_median"))
+                log.update()  # the ratios, into this run's lines
                 fmt = lambda v: "  n/a" if v is None else f"{v:5.2f}"  # noqa: E731
                 print(f"    ratios: eager/kernel {fmt(kr['eager_over_kernel'])}  compile/kernel "
                       f"{fmt(kr['compile_over_kernel'])}  kernel/floor {fmt(kr['kernel_over_floor'])}", flush=True)
 
-    path = append_results(NAME, records, args.results_dir)
+    path = log.path
     metrics = ["ms_median"] + (["peak_mem_bytes"] if any(r.get("peak_mem_bytes") for r in records) else [])
     png = plot_vs(records, "B", metrics, "series", Path(path).with_suffix(".png"),
                   title=f"projected_mse_loss fwd+bwd, d'={args.d_out}, {args.dtype}, {prov['device']}")

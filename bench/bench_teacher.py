@@ -26,7 +26,7 @@ import warnings
 import numpy as np
 import torch
 
-from bench.harness import append_results, is_oom, plot_vs, provenance, time_fn
+from bench.harness import ResultsLog, is_oom, plot_vs, provenance, time_fn
 from kclip.teacher import Teacher, naive_batches, padding_efficiency, plan_batches, quantize_linears
 
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -73,6 +73,21 @@ def build_model(shape: dict, precision: str, device: torch.device, seed: int = 0
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def forward_flops(shape: dict, lengths: np.ndarray) -> float:
+    """Useful forward FLOPs of a Llama of ``shape`` over captions of ``lengths`` tokens (no padding counted).
+
+    Per token 2 x the projection/MLP weights (q, k, v, o, gate, up, down); per caption of L tokens the causal
+    attention products QK^T and PV, 2 x 2 x L^2 / 2 x hidden per layer. The embedding lookup is free and the
+    pooled model has no LM head.
+    """
+    h, inter, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    kv = h // shape["num_attention_heads"] * shape.get("num_key_value_heads", shape["num_attention_heads"])
+    linear_params = layers * (2 * h * h + 2 * h * kv + 3 * h * inter)
+    tokens = float(np.sum(lengths))
+    attention = 2.0 * layers * h * float(np.sum(lengths.astype(np.float64) ** 2))
+    return 2.0 * linear_params * tokens + attention
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -128,14 +143,19 @@ def main(argv=None) -> list[dict]:
     for t in toks:
         t[0] = 1  # BOS
     real_tokens = int(lengths.sum())
+    flops = forward_flops(shape, lengths)
     prov = provenance(device)
     base = {**prov, "bench": "teacher", "model": "llama2-7b-shape" if not args.quick else "tiny-llama",
             **{k: v for k, v in shape.items()}, "num_captions": n, "mean_tokens": float(lengths.mean()),
             "max_tokens": int(lengths.max())}
+    log = ResultsLog("teacher", args.results_dir)
     records: list[dict] = []
 
+    def add(rec: dict) -> None:  # on disk at once: a killed run keeps what it measured
+        records.append(log.add(rec))
+
     for budget in budgets:
-        records.append({**base, "kind": "padding", "impl": "padding", "token_budget": budget,
+        add({**base, "kind": "padding", "impl": "padding", "token_budget": budget,
                         "bucketed_efficiency": padding_efficiency(lengths, plan_batches(lengths, budget)),
                         "naive_efficiency": padding_efficiency(lengths, naive_batches(n, max(1, budget // MAX_TOKENS))),
                         "naive_batch_size": max(1, budget // MAX_TOKENS)})
@@ -151,7 +171,7 @@ def main(argv=None) -> list[dict]:
                 warnings.simplefilter("ignore")
                 model = build_model(shape, precision, device)
         except Exception as exc:  # noqa: BLE001 - record and go on (OOM, missing kernels)
-            records.append({**base, "kind": "throughput", "impl": f"{precision}/build", "precision": precision,
+            add({**base, "kind": "throughput", "impl": f"{precision}/build", "precision": precision,
                             "token_budget": budgets[0], "error": f"{type(exc).__name__}: {exc}"[:300]})
             continue
         wbytes = weight_bytes(model)
@@ -186,17 +206,19 @@ def main(argv=None) -> list[dict]:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 rec["error"] = ("OOM: " if is_oom(exc) else "") + f"{type(exc).__name__}: {exc}"[:300]
-                records.append(rec)
+                add(rec)
                 continue
             sec = rec["ms_median"] / 1e3
             rec["captions_per_s"] = n / sec
             rec["tokens_per_s"] = real_tokens / sec
+            rec["flops"] = flops
+            rec["tflops"] = flops / sec / 1e12  # useful FLOPs (no padding): compare with the bf16 matmul ceiling
             if batching == "bucketed" and budget == budgets[0]:
                 if ref_emb is None:
                     ref_emb, ref_name = emb, precision
                 cos = torch.nn.functional.cosine_similarity(emb.float(), ref_emb.float(), dim=-1)
                 rec.update(cos_ref=ref_name, cos_mean=float(cos.mean()), cos_min=float(cos.min()))
-            records.append(rec)
+            add(rec)
             print(f"{rec['impl']:>14} budget={budget:>6}: {rec['captions_per_s']:10.1f} cap/s "
                   f"{rec['tokens_per_s']:12.1f} tok/s  peak={rec.get('peak_memory_bytes')}  "
                   f"weights={wbytes / 2**30:.2f} GiB  cos={rec.get('cos_mean', float('nan')):.4f}", flush=True)
@@ -207,7 +229,7 @@ def main(argv=None) -> list[dict]:
             print(f"padding budget={r['token_budget']}: bucketed {r['bucketed_efficiency']:.3f} vs naive "
                   f"{r['naive_efficiency']:.3f} (batch {r['naive_batch_size']})")
 
-    out = append_results("teacher", records, args.results_dir)
+    out = log.path
     thr = [r for r in records if r["kind"] == "throughput" and "error" not in r]
     if thr:
         ys = ["tokens_per_s"] + (["peak_memory_bytes"] if device.type == "cuda" else [])

@@ -64,7 +64,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.harness import RESULTS_DIR, append_results, is_oom, provenance
+from bench.harness import RESULTS_DIR, ResultsLog, is_oom, provenance
 
 NAME = "train_step"
 IMPLS = ("kclip-fused", "kclip-reference", "openclip-style", "online-teacher", "plain",
@@ -615,6 +615,7 @@ def _main(args) -> list[dict]:
     prov = provenance(device)
     peak = peak_flops(device)
     impls = [i for i in IMPLS if i in args.impls]  # fixed order: DeepSpeed last, plain right before it
+    log = ResultsLog(NAME, args.results_dir) if dist.is_main else None
     records: list[dict] = []
     for name in args.models:
         torch.manual_seed(0)
@@ -650,7 +651,11 @@ def _main(args) -> list[dict]:
                 rec["pairs_per_s"] = args.batch_size / sec
                 rec["pairs_per_s_wall"] = args.batch_size / (rec["ms_wall_mean"] / 1e3)
                 rec["mfu"] = (rec["flops_per_step"] / sec / peak) if (peak and rec.get("flops_per_step")) else None
-            records.append(rec)
+            records.append(log.add(rec) if log else rec)  # on disk at once: a killed run keeps what it measured
+            if dist.is_main:
+                print(f"[train_step] {name} {impl}: " + (rec.get("error") or f"{rec['ms_median']:.2f} ms/step, "
+                      f"{rec['pairs_per_s']:.0f} pairs/s" + (f", MFU {rec['mfu']:.1%}" if rec.get("mfu") else "")),
+                      flush=True)
         del base, inputs
         _free(device)
     add_ratios(records)
@@ -663,7 +668,7 @@ def _main(args) -> list[dict]:
         if lines:
             print("targets (one H100, ViT-B-32, 224 px, batch 256, bf16):")
             print("\n".join(lines))
-        out = append_results(NAME, records, args.results_dir)
+        out = log.update()  # the ratios, into this run's lines
         plot(records, out.with_suffix(".png"))
         print(f"[train_step] {len(records)} records -> {out}")
     return records

@@ -12,6 +12,7 @@ import platform
 import statistics
 import subprocess
 import time
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -27,13 +28,27 @@ def device_name(device: torch.device | str) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+GIT_REV_ENV = "KCLIP_GIT_REV"
+
+
 def git_revision() -> str:
+    """The checkout's short git revision (``+dirty`` with uncommitted changes to tracked files).
+
+    Where ``.git`` does not travel (a copied tree on a benchmark machine) the revision comes from the
+    ``KCLIP_GIT_REV`` environment variable, which ``bench.gpu_suite`` sets for its steps.
+    """
+    here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=10)
-        return out.stdout.strip() or "unknown"
+                             cwd=here, timeout=10)
+        rev = out.stdout.strip()
+        if rev:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                   text=True, cwd=here, timeout=10).stdout.strip()
+            return rev + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        pass
+    return os.environ.get(GIT_REV_ENV) or "unknown"
 
 
 def provenance(device: torch.device | str) -> dict:
@@ -99,15 +114,44 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def append_results(name: str, records: list[dict], results_dir: Path | str | None = None) -> Path:
-    """Append records to ``<results_dir>/<name>.jsonl`` (one JSON object a line) and return the path."""
-    results_dir = Path(results_dir) if results_dir is not None else RESULTS_DIR
-    results_dir.mkdir(parents=True, exist_ok=True)
-    path = results_dir / f"{name}.jsonl"
-    with open(path, "a", encoding="utf-8") as f:
-        for rec in records:
+class ResultsLog:
+    """A bench's results file, written as it measures: nothing measured is lost if the bench is killed.
+
+    ``add(rec)`` appends the record to ``<results_dir>/<name>.jsonl`` at once (flushed). Ratios and other
+    fields derived from several records are added to the same dicts later; ``update()`` then rewrites this
+    run's lines in place (atomically), leaving every other run's lines as they were. Records carry
+    ``run_id`` (one per ``ResultsLog``) and ``seq`` (their order in the run).
+    """
+
+    def __init__(self, name: str, results_dir: Path | str | None = None):
+        self.dir = Path(results_dir) if results_dir is not None else RESULTS_DIR
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / f"{name}.jsonl"
+        self.run_id = uuid.uuid4().hex[:12]
+        self.records: list[dict] = []
+
+    def add(self, rec: dict) -> dict:
+        rec.update(run_id=self.run_id, seq=len(self.records))
+        self.records.append(rec)
+        with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec, sort_keys=True) + "\n")
-    return path
+            f.flush()
+        return rec
+
+    def update(self) -> Path:
+        """Rewrite this run's lines with the current contents of its records (other lines untouched)."""
+        mine = iter(self.records)
+        out = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                is_mine = json.loads(line).get("run_id") == self.run_id
+            except (json.JSONDecodeError, AttributeError):
+                is_mine = False
+            out.append(json.dumps(next(mine), sort_keys=True) if is_mine else line)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(x + "\n" for x in out), encoding="utf-8")
+        os.replace(tmp, self.path)
+        return self.path
 
 
 def plot_vs(records: list[dict], x: str, ys: list[str], group: str, out_png: Path | str, title: str = "") -> Path:

@@ -66,19 +66,22 @@ def main(argv=None) -> int:
 
 
 def bench_main(argv) -> int:
-    """``kclip bench NAME [args]`` runs bench/bench_NAME.py from the kclip checkout."""
+    """``kclip bench NAME [args]`` runs bench/bench_NAME.py from the kclip checkout; ``kclip bench suite`` runs
+    bench/gpu_suite.py (every GPU measurement in priority order inside one time budget)."""
     import runpy
 
     from kclip.config import REPO_ROOT
 
     bench_dir = REPO_ROOT / "bench"
-    names = sorted(p.stem[len("bench_"):] for p in bench_dir.glob("bench_*.py"))
-    if not argv or argv[0] not in names:
-        print(f"usage: kclip bench NAME [args]; NAME is one of {', '.join(names) or '(no bench/ found)'}",
+    files = {p.stem[len("bench_"):]: p for p in bench_dir.glob("bench_*.py")}
+    if (bench_dir / "gpu_suite.py").exists():
+        files["suite"] = bench_dir / "gpu_suite.py"
+    if not argv or argv[0] not in files:
+        print(f"usage: kclip bench NAME [args]; NAME is one of {', '.join(sorted(files)) or '(no bench/ found)'}",
               file=sys.stderr)
         return 2
     sys.path.insert(0, str(REPO_ROOT))
-    module = runpy.run_path(str(bench_dir / f"bench_{argv[0]}.py"), run_name="kclip_bench")
+    module = runpy.run_path(str(files[argv[0]]), run_name="kclip_bench")
     return module["main"](argv[1:]) or 0
 
 

@@ -293,15 +293,21 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 or interpreting() else "tf32"
 
 
+# Launch-parameter overrides for tuning sweeps (``bench_clip_contrastive_loss --tune``): {"stats": {...},
+# "grad": {...}} entries replace the heuristics' values below. Empty in normal use.
+LAUNCH_OVERRIDES: dict = {}
+
+
 def _stats_blocks(D: int):
     if interpreting():  # small tiles so tests cross several row/column/K tiles
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
-    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)
+        return {**dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1), **LAUNCH_OVERRIDES.get("stats", {})}
+    return {**dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3), **LAUNCH_OVERRIDES.get("stats", {})}
 
 
 def _grad_blocks(D: int):
     if interpreting():
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_DO=32, num_warps=4, num_stages=1)
+        return {**dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_DO=32, num_warps=4, num_stages=1),
+                **LAUNCH_OVERRIDES.get("grad", {})}
     # The fp32 accumulator is BLOCK_M x BLOCK_DO registers; D above 512 is split into chunks (each
     # chunk recomputes its S tiles). Chosen from sm_90 compile reports (ptxas -v: registers/spills,
     # shared memory) without a GPU to time on: (64, 32, 512) spills least of the configs that keep
@@ -309,7 +315,8 @@ def _grad_blocks(D: int):
     block_do = min(512, max(16, triton.next_power_of_2(D)))
     block_m = 128 if block_do <= 128 else 64
     block_n = 64 if block_do <= 128 else 32
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, BLOCK_DO=block_do, num_warps=8, num_stages=2)
+    return {**dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, BLOCK_DO=block_do, num_warps=8, num_stages=2),
+            **LAUNCH_OVERRIDES.get("grad", {})}
 
 
 def _row_stats(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, offset: int):

@@ -1,0 +1,149 @@
+"""bench.gpu_suite: the budgeted GPU command. Its --quick dry run on CPU, and the budget/cap/pack mechanics."""
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+
+from bench import gpu_suite, harness
+from bench.gpu_suite import Step, run_suite
+
+
+def _py(code: str) -> list:
+    return ["-c", code]
+
+
+def test_results_log_appends_at_once_and_updates_in_place(tmp_path):
+    (tmp_path / "x.jsonl").write_text('{"run_id": "other", "v": 0}\n', encoding="utf-8")
+    log = harness.ResultsLog("x", tmp_path)
+    a = log.add({"impl": "a", "ms_median": 1.0})
+    lines = (tmp_path / "x.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[1])["impl"] == "a"  # on disk before the run ends
+    b = log.add({"impl": "b", "ms_median": 2.0})
+    with open(tmp_path / "x.jsonl", "a") as f:  # another run writing in between
+        f.write('{"run_id": "late", "v": 1}\n')
+    a["ratio"], b["ratio"] = 2.0, 0.5
+    log.update()
+    recs = [json.loads(x) for x in (tmp_path / "x.jsonl").read_text().splitlines()]
+    assert [r.get("impl") for r in recs] == [None, "a", "b", None]
+    assert [r.get("ratio") for r in recs] == [None, 2.0, 0.5, None]
+    assert recs[1]["seq"] == 0 and recs[2]["seq"] == 1 and recs[1]["run_id"] == log.run_id
+
+
+def test_git_revision_falls_back_to_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setattr(harness, "__file__", str(tmp_path / "harness.py"))  # a tree without .git
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    monkeypatch.setenv(harness.GIT_REV_ENV, "abc1234")
+    assert harness.git_revision() == "abc1234"
+    monkeypatch.delenv(harness.GIT_REV_ENV)
+    assert harness.git_revision() == "unknown"
+
+
+def test_cap_kills_the_whole_group_and_keeps_what_was_measured(tmp_path):
+    marker = tmp_path / "grandchild_alive"
+    # the step writes one measurement, starts a grandchild that would touch a file later, then hangs
+    grandchild = f"import time; time.sleep(4); open({str(marker)!r}, 'w')"
+    code = (
+        "import json, subprocess, sys, time, os\n"
+        f"open(os.path.join({str(tmp_path)!r}, 'out', 'results', 'fake.jsonl'), 'a').write(json.dumps({{'v': 1}}) + '\\n')\n"
+        f"subprocess.Popen([sys.executable, '-c', {grandchild!r}])\n"
+        "print('measured one', flush=True)\n"
+        "time.sleep(60)\n")
+    steps = [Step("hangs", "writes then hangs", _py(code), _py(code), est_s=1, min_s=0, cap_s=2, results=False),
+             Step("after", "runs after the killed step", _py("print('second step ran')"), _py("print('x')"),
+                  est_s=1, min_s=0, cap_s=20, results=False)]
+    t0 = time.monotonic()
+    suite = run_suite(steps, budget_s=60, out=tmp_path / "out", pack_dir=tmp_path / "pack")
+    assert time.monotonic() - t0 < 30
+    status = {s["name"]: s["status"] for s in suite["steps"]}
+    assert status == {"hangs": "timeout", "after": "ok"}
+    assert (tmp_path / "out" / "results" / "fake.jsonl").read_text().strip() == '{"v": 1}'
+    log = (tmp_path / "out" / "logs" / "hangs.log").read_text()
+    assert "measured one" in log
+    time.sleep(5)
+    assert not marker.exists(), "the step's grandchild outlived the cap"
+    with tarfile.open(tmp_path / "pack" / gpu_suite.PACK_NAME) as tar:
+        names = tar.getnames()
+    assert "results/fake.jsonl" in names and "summary.md" in names
+    assert (tmp_path / "pack" / "summary.md").exists()
+
+
+def test_steps_that_no_longer_fit_are_skipped_and_recorded(tmp_path):
+    sleep = _py("import time; time.sleep(1.5)")
+    steps = [Step("first", "sleeps", sleep, sleep, est_s=1, min_s=0, cap_s=10, results=False),
+             Step("big", "needs more than is left", sleep, sleep, est_s=100, min_s=100, cap_s=200, results=False),
+             Step("small", "still fits", _py("pass"), _py("pass"), est_s=1, min_s=1, cap_s=5, results=False)]
+    suite = run_suite(steps, budget_s=gpu_suite.RESERVE_S + 20, out=tmp_path / "out")
+    by = {s["name"]: s for s in suite["steps"]}
+    assert by["first"]["status"] == "ok" and by["small"]["status"] == "ok"
+    assert by["big"]["status"] == "skipped" and "needs at least 100 s" in by["big"]["reason"]
+    assert suite["seconds"] < gpu_suite.RESERVE_S + 20
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| big | skipped |" in summary
+    # a failing step is recorded as failed and the suite goes on
+    suite = run_suite([Step("bad", "exits 3", _py("raise SystemExit(3)"), _py("x"), 1, 0, 5, results=False)],
+                      budget_s=60, out=tmp_path / "out2")
+    assert suite["steps"][0]["status"] == "failed" and suite["steps"][0]["returncode"] == 3
+
+
+def test_list_and_only(capsys):
+    assert gpu_suite.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    for step in gpu_suite.plan():
+        assert step.name in out
+    with pytest.raises(SystemExit):
+        gpu_suite.main(["--only", "no_such_step", "--list"])
+
+
+def test_target_rows_pass_and_fail(tmp_path):
+    """Hand-made records: each ratio and its verdict computed as the issue states the targets."""
+    res = tmp_path / "results"
+    res.mkdir()
+    rows = lambda name, recs: (res / f"{name}.jsonl").write_text(  # noqa: E731
+        "".join(json.dumps(r) + "\n" for r in recs))
+    rows("env", [{"impl": "env", "matmul_tflops": 800.0}])
+    rows("clip_contrastive_loss", [
+        {"impl": "kclip", "N": 16384, "D": 768, "ms_median": 10.0, "tflops": 100.0, "peak_mem_bytes": 16384 * 8192},
+        {"impl": "eager", "N": 16384, "D": 768, "ms_median": 30.0},
+        {"impl": "inf_cl", "N": 16384, "D": 768, "ms_median": 20.0},
+        {"impl": "kclip", "N": 32768, "D": 768, "ms_median": 30.0, "tflops": 480.0, "peak_mem_bytes": 32768 * 10240},
+        {"impl": "inf_cl", "N": 32768, "D": 768, "ms_median": 120.0}])
+    rows("projected_mse_loss", [{"impl": i, "B": 4096, "d": 512, "d_out": 4096, "ms_median": ms}
+                                for i, ms in (("kernel", 1.0), ("eager", 1.6), ("compile", 1.1), ("floor", 0.7))])
+    t = {r["target"] + "|" + r["where"]: r for r in gpu_suite.target_rows(res)}
+    mem = t["contrastive memory per sample|D=768, N=32768"]
+    assert mem["measured"] == pytest.approx(10.0) and mem["status"] == "PASS"
+    assert t["contrastive vs eager (open_clip ClipLoss)|D=768, N=16384"]["measured"] == pytest.approx(3.0)
+    inf = t["contrastive vs Inf-CL (worst N)|D=768, N=16384"]
+    assert inf["measured"] == pytest.approx(2.0) and inf["status"] == "FAIL"
+    share = t["contrastive share of bf16 matmul ceiling (4-matmul floor FLOPs)|D=768, N=32768"]
+    assert share["measured"] == pytest.approx(0.6) and share["status"] == "PASS"
+    assert t["projected-MSE vs eager|B=4096, d=512, d'=4096"]["status"] == "PASS"
+    assert t["projected-MSE vs torch.compile|B=4096, d=512, d'=4096"]["status"] == "FAIL"
+    floor = t["projected-MSE over the 3-GEMM floor|B=4096, d=512, d'=4096"]
+    assert floor["measured"] == pytest.approx(1 / 0.7) and floor["status"] == "FAIL"
+    assert t["k-means ms per Lloyd iteration|500000 x 4096, K=1000"]["status"] == "n/a"
+
+
+def test_quick_dry_run_runs_every_step(tmp_path):
+    """The CI dry run: every step of the plan at --quick sizes on CPU, in one subprocess as a user runs it."""
+    out, pack = tmp_path / "out", tmp_path / "pack"
+    env = dict(os.environ, KCLIP_GIT_REV="test-rev")
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_suite", "--quick", "--out", str(out), "--pack", str(pack)],
+                          cwd=gpu_suite.REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    suite = json.loads((out / "suite.json").read_text())
+    assert [s["name"] for s in suite["steps"]] == [s.name for s in gpu_suite.plan()]
+    assert all(s["status"] == "ok" for s in suite["steps"]), suite["steps"]
+    for bench in ("env", "clip_contrastive_loss", "projected_mse_loss", "train_step", "kmeans", "teacher", "loader"):
+        recs = [json.loads(x) for x in (out / "results" / f"{bench}.jsonl").read_text().splitlines()]
+        assert recs and all(r.get("run_id") for r in recs), bench
+    summary = (pack / "summary.md").read_text()
+    assert "DRY RUN" in summary and "| train step vs open_clip-style step |" in summary
+    measured = [r for r in suite["targets"] if r["measured"] is not None]
+    assert len(measured) >= 8, suite["targets"]  # the dry run exercises the evaluation, not only the steps
+    with tarfile.open(pack / gpu_suite.PACK_NAME) as tar:
+        assert "results/train_step.jsonl" in tar.getnames()
