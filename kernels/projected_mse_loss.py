@@ -14,12 +14,15 @@ of ``Y`` is still in registers (fp32), does everything else:
     G       = R                                  -> stored once, in the input dtype (B, d')
     colsum  = sum over the tile's rows of R      -> colsums[pid_m, n-range]  (fp32, only for d bias)
 
-The gradient of the loss w.r.t. Y is ``s * G`` with the scalar ``s = 2/numel`` ("mean") or ``2``
-("sum"). The kernel stores G unscaled and backward folds ``s`` into ``g`` (which it applies anyway):
-in fp16, ``2R/numel`` underflows (numel = 16.7M at B = 4096, d' = 4096 puts it at ~1e-7 * R, below
-fp16's normal range), while ``R`` has exactly the range of eager's ``y - t``.
+The loss is ``partials.sum() / n`` with ``n = B`` ("batchmean", the default: Knowledge-CLIP's Eq. 1 sums
+the squared L2 over the teacher's d' dimensions per caption and averages over captions), ``n = B * d'``
+("mean", ``F.mse_loss``'s element mean, which would divide L_emb by d' = 4096 for Llama 2 and all but switch
+distillation off) or ``n = 1`` ("sum"). The gradient of the loss w.r.t. Y is ``s * G`` with ``s = 2/n``.
+The kernel stores G unscaled and backward folds ``s`` into ``g`` (which it applies anyway): in fp16,
+``2R/numel`` underflows (numel = 16.7M at B = 4096, d' = 4096 puts it at ~1e-7 * R, below fp16's normal
+range), while ``R`` has exactly the range of eager's ``y - t``.
 
-The loss is ``partials.sum()`` (``/ numel`` for "mean"): every tile writes its own slot and the slots
+Every tile writes its own slot of ``partials`` and the slots
 are reduced by one ``torch.sum`` over a fixed-shape buffer, so the result is deterministic (bit-identical
 reruns; no float atomics anywhere). ``Y``, ``R`` and ``R^2`` never reach memory: there is no fp32
 B x d' intermediate and no separate elementwise pass.
@@ -79,7 +82,7 @@ from .dispatch import interpreting, use_triton
 
 __all__ = ["projected_mse_loss", "projected_mse_loss_reference"]
 
-_REDUCTIONS = ("mean", "sum")
+_REDUCTIONS = ("batchmean", "mean", "sum")
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Number of forward-kernel launches, so tests can assert that the Triton path (not the reference) ran.
@@ -89,7 +92,7 @@ LAUNCH_COUNTS = {"forward": 0}
 def _check_reduction(reduction: str) -> None:
     if reduction not in _REDUCTIONS:
         raise ValueError(
-            f"projected_mse_loss: reduction={reduction!r} is not supported; use 'mean' or 'sum' "
+            f"projected_mse_loss: reduction={reduction!r} is not supported; use 'batchmean', 'mean' or 'sum' "
             "(for per-element losses call F.mse_loss(F.linear(x, weight, bias), target, reduction='none'))."
         )
 
@@ -102,22 +105,27 @@ def projected_mse_loss_reference(
     weight: torch.Tensor,
     target: torch.Tensor,
     bias: torch.Tensor | None = None,
-    reduction: str = "mean",
+    reduction: str = "batchmean",
 ) -> torch.Tensor:
-    """Plain PyTorch ground truth: ``F.mse_loss(F.linear(x, weight, bias), target, reduction)``.
+    """Plain PyTorch ground truth: the squared error of ``F.linear(x, weight, bias)`` against ``target``.
 
     Args:
         x: student embeddings.
         weight: projector weight, as in ``nn.Linear(d, d_out)``.
         target: teacher embeddings (treated as a constant: detached).
         bias: optional projector bias.
-        reduction: "mean" or "sum".
+        reduction: "batchmean" (default: squared L2 summed over d_out per row, averaged over the rows: the
+            paper's Eq. 1), "mean" (over all elements, = batchmean / d_out) or "sum".
 
     Shapes:
         x (..., d), weight (d_out, d), bias (d_out,), target (..., d_out) -> 0-d tensor.
     """
     _check_reduction(reduction)
-    return F.mse_loss(F.linear(x, weight, bias), target.detach(), reduction=reduction)
+    y = F.linear(x, weight, bias)
+    if reduction == "batchmean":
+        rows = y.numel() // max(1, y.shape[-1]) if y.dim() > 1 else 1
+        return F.mse_loss(y, target.detach(), reduction="sum") / rows
+    return F.mse_loss(y, target.detach(), reduction=reduction)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -272,11 +280,11 @@ class _ProjectedMSELoss(torch.autograd.Function):
         need_x, need_w, _, need_b = ctx.needs_input_grad[:4]
         store_g = need_x or need_w  # G is needed only by the dX and dW GEMMs
         sq_sum, g, colsum = _launch_forward(x2, weight, target2, bias, store_g, need_b)
-        numel = x2.shape[0] * weight.shape[0]
-        loss = sq_sum / numel if reduction == "mean" else sq_sum
+        denom = _denominator(reduction, x2.shape[0], weight.shape[0])
+        loss = sq_sum / denom
         ctx.save_for_backward(g, x2 if need_w else None, weight if need_x else None, colsum)
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.grad_scale = 2.0 / numel if reduction == "mean" else 2.0  # dLoss/dY = grad_scale * R
+        ctx.grad_scale = 2.0 / denom  # dLoss/dY = grad_scale * R
         return loss.to(out_dtype)
 
     @staticmethod
@@ -298,6 +306,11 @@ class _ProjectedMSELoss(torch.autograd.Function):
         return grad_x, grad_w, None, grad_b, None, None
 
 
+def _denominator(reduction: str, rows: int, d_out: int) -> float:
+    """What the summed squared error is divided by: rows (batchmean), rows * d_out (mean) or 1 (sum)."""
+    return {"batchmean": float(rows), "mean": float(rows * d_out), "sum": 1.0}[reduction]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Public function
 # ---------------------------------------------------------------------------------------------------
@@ -306,9 +319,9 @@ def projected_mse_loss(
     weight: torch.Tensor,
     target: torch.Tensor,
     bias: torch.Tensor | None = None,
-    reduction: str = "mean",
+    reduction: str = "batchmean",
 ) -> torch.Tensor:
-    """Fused ``F.mse_loss(F.linear(x, weight, bias), target, reduction=reduction)``.
+    """Fused squared error of ``F.linear(x, weight, bias)`` against ``target``, reduced as ``reduction``.
 
     One Triton GEMM whose epilogue forms the residual, the loss partials and the gradient buffer ``G``; the
     backward is two cuBLAS GEMMs. Gradients flow to ``x``, ``weight`` and ``bias``; ``target`` is a
@@ -320,7 +333,9 @@ def projected_mse_loss(
             under autocast).
         target: teacher embeddings, any float dtype (e.g. the fp16 cache), read without a cast pass.
         bias: optional projector bias, same dtype as weight.
-        reduction: "mean" (default, over all B * d_out elements) or "sum".
+        reduction: "batchmean" (default; the paper's Eq. 1: ``||x W^T + b - t||^2`` summed over d_out for each
+            row, averaged over the B rows), "mean" (over all B * d_out elements, ``F.mse_loss``'s default: the
+            batchmean divided by d_out) or "sum".
 
     Shapes:
         x (..., d), weight (d_out, d), bias (d_out,), target (..., d_out) -> 0-d tensor in
@@ -372,6 +387,5 @@ def projected_mse_loss(
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     if not needs_grad:
         sq_sum, _, _ = _launch_forward(x2, weight, target2, bias, store_g=False, store_colsum=False)
-        loss = sq_sum / target2.numel() if reduction == "mean" else sq_sum
-        return loss.to(out_dtype)
+        return (sq_sum / _denominator(reduction, x2.shape[0], weight.shape[0])).to(out_dtype)
     return _ProjectedMSELoss.apply(x2, weight, target2, bias, reduction, out_dtype)

@@ -48,7 +48,7 @@ def _run_kernel(*args, **kwargs):
 
 @pytest.mark.parametrize("shape", [(37, 48, 100), (1, 48, 100), (64, 33, 17)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("reduction", ["batchmean", "mean", "sum"])
 def test_matches_reference_fp32(shape, bias, reduction):
     B, d, d_out = shape
     x, w, b, t = _make(B, d, d_out, bias=bias)
@@ -138,6 +138,22 @@ def test_mixed_target_dtype_and_autocast():
     assert_lowp_close(loss, eager_loss, ref_loss, torch.bfloat16, "autocast loss")
     for g, eg, rg in zip(grads, eager_grads, ref_grads):
         assert_lowp_close(g, eg, rg, torch.bfloat16, "autocast grad")
+
+
+def test_batchmean_is_eq1_per_caption_squared_l2():
+    """The default reduction is the paper's Eq. 1: ||W_e x - t||^2 summed over d' per row, averaged over rows
+    (leading dimensions count as rows), i.e. d' times the element mean."""
+    x, w, b, t = _make(6, 48, 100, lead=(3,))  # 18 rows
+    want = ((torch.nn.functional.linear(x, w, b) - t) ** 2).sum(-1).mean()  # per-row sum, mean over rows
+    for fn in (projected_mse_loss, projected_mse_loss_reference):
+        got = fn(x, w, t, b)  # default reduction
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
+        torch.testing.assert_close(fn(x, w, t, b, "mean") * 100, want, **TOL[torch.float32])
+    loss, grads = _run_kernel(x, w, b, t, reduction="batchmean", grad_out=0.7)
+    ref_loss, ref_grads = _loss_and_grads(projected_mse_loss_reference, x, w, b, t, "batchmean", 0.7)
+    torch.testing.assert_close(loss, ref_loss, **TOL[torch.float32])
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, **TOL[torch.float32])
 
 
 def test_errors_are_clear():
