@@ -137,8 +137,9 @@ class InMemoryPairs(torch.utils.data.Dataset):
 def measure(dataset, batches: list[list[int]], workers: int, device: torch.device) -> dict:
     """Time one DataLoader pass: first batch (start-up) apart, then the rest; batches moved to ``device``."""
     pin = device.type == "cuda"
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin,
-                                         persistent_workers=False, prefetch_factor=4 if workers else None)
+    from kclip.data import pair_loader
+
+    loader = pair_loader(dataset, batches, num_workers=workers, pin_memory=pin)  # the trainer's loader
 
     def consume(micro):
         for key in ("image", "tokens", "teacher", "concept"):

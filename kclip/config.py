@@ -127,8 +127,13 @@ class LossConfig:
     # default (bench/results/target_norm_tiny.md): at the default budget l2 is at least as good as the others;
     # it is also scale-free, which matters for teachers with outlier dimensions (Llama 2).
     target_norm: str = "l2"
+    # How L_conc projects image embeddings into the teacher space for C: stopgrad (W_e, gradient stopped: W_e
+    # is fitted by L_emb alone) | shared (W_e, trained by both terms) | separate (an image projector of its
+    # own). Chosen by measurement: README "Does it distill?".
+    concept_path: str = "stopgrad"
 
     def __post_init__(self):
+        _choice("loss.concept_path", self.concept_path, ("stopgrad", "shared", "separate"))
         _choice("loss.contrastive_impl", self.contrastive_impl, ("triton", "reference"))
         _choice("loss.distill_impl", self.distill_impl, ("triton", "reference"))
         _choice("loss.target_norm", self.target_norm, ("l2", "standardize", "none"))
@@ -154,6 +159,7 @@ class TrainConfig:
     checkpoint_every: int = 100        # steps; the last step always checkpoints
     keep_checkpoints: int = 2
     compile: bool = False
+    r2_captions: int = 2048            # held-out captions for the per-epoch R^2 of W_e(E_T(x)) vs the teacher (0: off)
 
     def __post_init__(self):
         _choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))

@@ -291,6 +291,23 @@ def _to_uint8_chw(img) -> torch.Tensor:
     return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
 
 
+def collate_batch(batch):
+    """collate_fn for a dataset whose ``__getitems__`` returns a finished batch (:class:`PairDataset`)."""
+    if isinstance(batch, dict):
+        return batch
+    return torch.utils.data.default_collate(batch)
+
+
+def pair_loader(dataset, batch_sampler, num_workers: int = 0, pin_memory: bool = False,
+                persistent_workers: bool = False) -> torch.utils.data.DataLoader:
+    """The DataLoader the trainer uses (and ``bench_loader`` measures): batches from ``__getitems__``,
+    prefetching 4 batches per worker."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=batch_sampler, num_workers=num_workers, pin_memory=pin_memory,
+        collate_fn=collate_batch, persistent_workers=persistent_workers and num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None)
+
+
 class PairDataset(torch.utils.data.Dataset):
     """(image, tokens, teacher target, concept label) per sample index ``epoch * N + row``.
 
@@ -315,7 +332,25 @@ class PairDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitems__(self, indices) -> dict:
+        """A whole batch at once (the DataLoader calls this with a batch sampler): images and tokens per pair,
+        teacher targets in one gather (fp16), labels by indexing. Use :func:`collate_batch` as collate_fn.
+
+        Shapes: -> image (B, 3, H, W) uint8 (or float), tokens (B, L), teacher (B, d') fp16, concept (B,), index (B,)
+        """
+        samples = [self._sample(int(i)) for i in indices]
+        rows = [s[0] for s in samples]
+        batch = {"image": torch.stack([s[1] for s in samples]),
+                 "tokens": self.tokenizer([self.pairs[r].caption for r in rows]),
+                 "index": torch.tensor(rows, dtype=torch.int64)}
+        if self.teacher is not None:
+            batch["teacher"] = torch.from_numpy(np.ascontiguousarray(self.teacher.batch(rows)))  # (B, d') fp16
+        if self.labels is not None:
+            batch["concept"] = self.labels[batch["index"]]
+        return batch
+
+    def _sample(self, i: int) -> tuple:
+        """(row, image) of sample index ``epoch * N + row``, augmented with its (seed, epoch, row) seed."""
         epoch, i = divmod(int(i), len(self.pairs))
         pair = self.pairs[i]
         try:
@@ -328,9 +363,14 @@ class PairDataset(torch.utils.data.Dataset):
             image = self.preprocess(img)                                    # (3, H, W)
         if self.normalize is not None:
             image = _to_uint8_chw(image)                                    # (3, H, W) uint8
-        item = {"image": image, "tokens": self.tokenizer([pair.caption])[0], "index": i}
+        return i, image
+
+    def __getitem__(self, i: int) -> dict:
+        """One sample (the batch path is :meth:`__getitems__`); same fields without the batch dimension."""
+        i, image = self._sample(int(i))
+        item = {"image": image, "tokens": self.tokenizer([self.pairs[i].caption])[0], "index": i}
         if self.teacher is not None:
-            item["teacher"] = torch.from_numpy(np.ascontiguousarray(self.teacher.get([i])[0]))  # (d',)
+            item["teacher"] = torch.from_numpy(np.ascontiguousarray(self.teacher.batch([i])[0]))  # (d',) fp16
         if self.labels is not None:
             item["concept"] = self.labels[i]
         return item

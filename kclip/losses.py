@@ -1,9 +1,10 @@
 """The Knowledge-CLIP objective: alpha * L_emb + beta * L_conc + gamma * L_cont.
 
-- L_emb = || W_e(E_T(x_C)) - L(x_C) ||^2 (mean over elements): ``kclip.kernels.projected_mse_loss``, the
-  projection GEMM with the squared error and its gradient fused.
-- L_conc = CE(C(W_e(E_I(x_I))), s): the frozen classifier C over the projected image embedding.
-- L_cont = symmetric InfoNCE over the *global* batch: ``kclip.kernels.clip_contrastive_loss``.
+- L_emb = || W_e(E_T(x_C)) - L(x_C) ||^2, summed over d' per caption and averaged over the batch (the
+  paper's Eq. 1): ``kclip.kernels.projected_mse_loss``, computed in :class:`kclip.model.KnowledgeHead`.
+- L_conc = CE(C(P(E_I(x_I))), s): the frozen classifier C over the image embedding projected into the
+  teacher space (``loss.concept_path`` chooses P), also in the head.
+- L_cont = symmetric InfoNCE over the *global* batch: ``kclip.kernels.clip_contrastive_loss``, here.
 
 Data parallelism: DeepSpeed averages parameter gradients over ranks. That is right for the per-rank means
 (L_emb, L_conc). L_cont is one loss over the global batch; the fused kernel returns its exact gradient
@@ -11,7 +12,7 @@ for this rank's rows, so the averaging would shrink the encoders' share by the w
 therefore pass through :class:`_ScaleGrad` (x P in backward only) before the kernel; the logit-scale
 gradient is already exact on every rank and is left alone. The reference path instead all-gathers the
 features *with* gradient (as open_clip does), whose backward sums P identical contributions: the same
-result. ``tests/test_trainer_distributed.py`` checks 2-rank encoder gradients equal 1-rank full-batch ones.
+result. ``tests/test_losses.py`` checks that 2-rank encoder gradients equal 1-rank full-batch ones.
 """
 from __future__ import annotations
 
@@ -56,67 +57,38 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch
 
 
 class KnowledgeClipLoss(torch.nn.Module):
-    """alpha * L_emb + beta * L_conc + gamma * L_cont; returns the total and each term (detached)."""
+    """alpha * L_emb + beta * L_conc + gamma * L_cont from the student's outputs; returns the total and the terms.
+
+    L_emb and L_conc are computed inside the student's forward (:class:`kclip.model.KnowledgeHead`, which owns
+    W_e and C); this module adds the global-batch contrastive term, which needs the process group.
+    """
 
     def __init__(self, alpha: float = 1.0, beta: float = 0.01, gamma: float = 1.0, contrastive_impl: str = "triton",
-                 distill_impl: str = "triton", group=None, world_size: int = 1):
+                 group=None, world_size: int = 1):
         super().__init__()
         self.alpha, self.beta, self.gamma = alpha, beta, gamma
-        self.contrastive_impl, self.distill_impl = contrastive_impl, distill_impl
+        self.contrastive_impl = contrastive_impl
         self.group, self.world_size = group, world_size
 
-    def forward(self, model, out: dict, teacher: torch.Tensor | None, concept: torch.Tensor | None) -> tuple:
+    def forward(self, out: dict) -> tuple:
         """
         Args:
-            model: the KnowledgeClip module (for W_e and C).
-            out: the model's outputs ``image`` (B, d), ``text`` (B, d), ``logit_scale`` (0-d).
-            teacher: (B, d') teacher targets of the captions, already normalised as configured
-                (``kclip.targets.TeacherTargets``); needed when alpha > 0.
-            concept: (B,) int64 concept labels (needed when beta > 0).
+            out: the student's outputs: ``image`` (B, d), ``text`` (B, d), ``logit_scale`` (0-d), and the head's
+                ``distill`` (needed when alpha > 0) and ``concept`` (needed when beta > 0) terms.
+        Returns:
+            (total 0-d tensor, {term: detached 0-d tensor}); no host synchronisation.
         """
-        from kclip import kernels
-
         terms = {}
-        total = out["image"].new_zeros(())
+        total = out["image"].new_zeros((), dtype=torch.float32)
         if self.gamma > 0:
             terms["contrastive"] = contrastive_loss(out["image"], out["text"], out["logit_scale"],
                                                     self.contrastive_impl, self.group, self.world_size)
-            total = total + self.gamma * terms["contrastive"]
-        proj = model.projector
-        if self.alpha > 0:
-            target = teacher.to(out["text"].dtype)                             # (B, d')
-            mse = kernels.projected_mse_loss if self.distill_impl == "triton" else kernels.projected_mse_loss_reference
-            terms["distill"] = mse(out["text"], proj.weight, target, proj.bias)
-            total = total + self.alpha * terms["distill"]
-        if self.beta > 0:
-            logits = model.concept_classifier(proj(out["image"]))         # (B, K)
-            terms["concept"] = F.cross_entropy(logits.float(), concept)
-            total = total + self.beta * terms["concept"]
+            total = total + self.gamma * terms["contrastive"].float()
+        for name, weight, needs in (("distill", self.alpha, "teacher targets"), ("concept", self.beta, "concept labels")):
+            if weight > 0:
+                if name not in out:
+                    raise ValueError(f"KnowledgeClipLoss: the {name} term has weight {weight} but the student's "
+                                     f"outputs hold no {name!r} term: pass {needs} to the model's forward")
+                terms[name] = out[name]
+                total = total + weight * out[name]
         return total, {k: v.detach() for k, v in terms.items()}
-
-
-class KnowledgeClipObjective(torch.nn.Module):
-    """Student forward + objective as ONE module forward: what the DeepSpeed engine wraps.
-
-    Under ZeRO-3 a parameter is gathered only inside the forward of a module that owns it (or has it
-    registered as external). The fused L_emb takes W_e's weight as a GEMM operand instead of calling
-    W_e's forward, so the objective runs inside this forward and :meth:`register_for_zero3` registers
-    W_e's parameters with it.
-    """
-
-    def __init__(self, model, loss_fn: KnowledgeClipLoss):
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def register_for_zero3(self) -> None:
-        import deepspeed
-        for p in self.model.projector.parameters():
-            deepspeed.zero.register_external_parameter(self, p)
-
-    def forward(self, images, tokens, teacher=None, concept=None) -> tuple:
-        """Returns (total loss, detached terms incl. ``logit_scale``)."""
-        out = self.model(images, tokens)
-        total, terms = self.loss_fn(self.model, out, teacher, concept)
-        terms["logit_scale"] = out["logit_scale"].detach()
-        return total, terms

@@ -1,11 +1,13 @@
-"""The Knowledge-CLIP student: an open_clip model, the projector W_e and the frozen concept classifier C.
+"""The Knowledge-CLIP student: an open_clip model and its head (the projector W_e and the frozen concept
+classifier C, with the distillation and concept losses in the head's forward).
 
-``W_e`` maps the student's L2-normalised embeddings (text and image alike) into the teacher's space
-(d -> d'); feeding it normalised features keeps its scale independent of the CLIP towers' norms. ``C``
-(d' -> K) is trained on teacher embeddings by the concepts stage and frozen here.
+``W_e`` maps the student's L2-normalised text embeddings into the teacher's space (d -> d'); feeding it
+normalised features keeps its scale independent of the CLIP towers' norms. ``C`` (d' -> K) is trained on
+teacher embeddings by the concepts stage and frozen here. The logit scale is capped at 100 as in open_clip.
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -59,29 +61,158 @@ def clip_embed_dim(clip: nn.Module) -> int:
     return clip.visual.output_dim
 
 
-class KnowledgeClip(nn.Module):
-    """open_clip student + projector W_e (d -> d') + frozen concept classifier C (d' -> K)."""
+MAX_LOGIT_SCALE = 100.0  # open_clip clamps the (exponentiated) logit scale at 100
 
-    def __init__(self, clip: nn.Module, teacher_dim: int, num_concepts: int):
+
+class _CappedLogScale(torch.autograd.Function):
+    """``min(log_scale, cap)`` whose gradient never pushes the raw parameter further above the cap.
+
+    open_clip clamps ``logit_scale`` in place after each optimizer step. Under DeepSpeed the optimizer
+    steps fp32 master copies inside its partitions, so an in-place clamp of the module parameter would be
+    overwritten. Clamping in the forward keeps the effective scale <= cap at every ZeRO stage and precision;
+    the backward lets through only gradients that move the parameter down when it sits at or above the cap
+    (a plain clamp would zero them and could leave the parameter stuck above the cap forever).
+    """
+
+    @staticmethod
+    def forward(ctx, log_scale, cap: float):
+        ctx.save_for_backward(log_scale)
+        ctx.cap = cap
+        return log_scale.clamp(max=cap)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (log_scale,) = ctx.saved_tensors
+        # descent moves the parameter by -lr * grad: above the cap only grad > 0 (downwards) is kept
+        keep = (log_scale < ctx.cap) | (grad > 0)
+        return torch.where(keep, grad, torch.zeros_like(grad)), None
+
+
+def capped_logit_scale(log_scale: torch.Tensor, max_scale: float = MAX_LOGIT_SCALE) -> torch.Tensor:
+    """exp(min(log_scale, ln max_scale)), with the gradient rule of :class:`_CappedLogScale`. Shapes: any -> same."""
+    return _CappedLogScale.apply(log_scale, math.log(max_scale)).exp()
+
+
+CONCEPT_PATHS = ("stopgrad", "shared", "separate")
+
+
+class KnowledgeHead(nn.Module):
+    """W_e (d -> d') and the frozen concept classifier C (d' -> K), with the method's losses in its own forward.
+
+    - L_emb = ||W_e(text) - t||^2 per caption (summed over d'), averaged over the batch (the paper's Eq. 1):
+      ``kclip.kernels.projected_mse_loss`` (``distill_impl="triton"``) fuses the projection GEMM with the
+      squared error and its gradient; ``"reference"`` is the plain PyTorch form.
+    - L_conc = CE(C(P(image)), s) with C frozen. ``concept_path`` chooses P, the projection of the image
+      embedding into the teacher space that C classifies:
+        ``stopgrad`` (default): W_e with its gradient stopped: the image encoder learns to land where the
+            text projection puts the concept, while W_e is fitted by L_emb alone (C's large weights would
+            otherwise dominate W_e's gradient and pull it away from the teacher);
+        ``shared``: W_e itself, trained by both terms (the behaviour before the head existed);
+        ``separate``: an image projector of its own (same shape as W_e), trained by L_conc only.
+      The choice was made by measurement on the embedded default (README: "Does it distill?").
+
+    W_e's weight and bias are parameters of this module itself (not of an ``nn.Linear`` child): the fused
+    kernel reads them as GEMM operands inside this forward, which is where ZeRO-3 gathers a module's own
+    parameters (as Liger-Kernel's fused-linear modules own their weight). C is frozen and kept as buffers.
+    """
+
+    def __init__(self, dim: int, teacher_dim: int, num_concepts: int, concept_path: str = "stopgrad",
+                 distill_impl: str = "triton"):
+        super().__init__()
+        if concept_path not in CONCEPT_PATHS:
+            raise ValueError(f"loss.concept_path is {concept_path!r}; choose one of {CONCEPT_PATHS}")
+        if distill_impl not in ("triton", "reference"):
+            raise ValueError(f"loss.distill_impl is {distill_impl!r}; choose 'triton' or 'reference'")
+        self.concept_path, self.distill_impl = concept_path, distill_impl
+        init = nn.Linear(dim, teacher_dim)  # nn.Linear's initialisation, then owned directly
+        self.weight = nn.Parameter(init.weight.detach().clone())            # (d', d)
+        self.bias = nn.Parameter(init.bias.detach().clone())                # (d',)
+        if concept_path == "separate":
+            init = nn.Linear(dim, teacher_dim)
+            self.image_weight = nn.Parameter(init.weight.detach().clone())  # (d', d)
+            self.image_bias = nn.Parameter(init.bias.detach().clone())      # (d',)
+        self.register_buffer("concept_weight", torch.zeros(num_concepts, teacher_dim))  # (K, d')
+        self.register_buffer("concept_bias", torch.zeros(num_concepts))                 # (K,)
+
+    def load_concept_classifier(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.concept_weight.copy_(weight)
+            self.concept_bias.copy_(bias)
+
+    def project_text(self, text: torch.Tensor) -> torch.Tensor:
+        """W_e(text). Shapes: (B, d) -> (B, d'). Inside a forward only under ZeRO-3."""
+        return F.linear(text, self.weight, self.bias)
+
+    def _image_projection(self, image: torch.Tensor) -> torch.Tensor:
+        if self.concept_path == "separate":
+            return F.linear(image, self.image_weight, self.image_bias)
+        if self.concept_path == "stopgrad":
+            return F.linear(image, self.weight.detach(), self.bias.detach())
+        return F.linear(image, self.weight, self.bias)
+
+    def forward(self, text: torch.Tensor | None = None, image: torch.Tensor | None = None,
+                teacher: torch.Tensor | None = None, concept: torch.Tensor | None = None) -> dict:
+        """The head's loss terms for the inputs given.
+
+        Args:
+            text: (B, d) L2-normalised student text embeddings (for L_emb).
+            image: (B, d) L2-normalised student image embeddings (for L_conc).
+            teacher: (B, d') teacher targets of the captions in any float dtype (the fp16 cache rows),
+                normalised as configured; L_emb is computed when text and teacher are given.
+            concept: (B,) int64 concept labels; L_conc is computed when image and concept are given.
+        Returns:
+            {"distill": 0-d fp32, "concept": 0-d fp32} for the terms that were computed.
+        """
+        from kclip import kernels
+
+        terms = {}
+        if text is not None and teacher is not None:
+            mse = kernels.projected_mse_loss if self.distill_impl == "triton" else kernels.projected_mse_loss_reference
+            weight, bias = self.weight, self.bias
+            if weight.dtype != text.dtype and not torch.is_autocast_enabled(text.device.type):
+                weight, bias = weight.to(text.dtype), bias.to(text.dtype)
+            terms["distill"] = mse(text, weight, teacher, bias, reduction="batchmean").float()
+        if image is not None and concept is not None:
+            logits = F.linear(self._image_projection(image).float(), self.concept_weight.float(),
+                              self.concept_bias.float())                          # (B, K)
+            terms["concept"] = F.cross_entropy(logits, concept)
+        return terms
+
+
+class KnowledgeClip(nn.Module):
+    """open_clip student + :class:`KnowledgeHead` (W_e, frozen C and their losses).
+
+    ``forward(images, tokens, teacher, concept)`` returns the L2-normalised embeddings, the capped logit
+    scale and the head's loss terms: everything that reads a parameter happens inside this forward, so the
+    DeepSpeed engine can wrap the model directly at every ZeRO stage.
+    """
+
+    def __init__(self, clip: nn.Module, teacher_dim: int, num_concepts: int, concept_path: str = "stopgrad",
+                 distill_impl: str = "triton", max_logit_scale: float = MAX_LOGIT_SCALE):
         super().__init__()
         if clip.logit_scale.ndim == 0:
             # DeepSpeed broadcasts parameters as bytes, which a 0-d tensor cannot be viewed as; open_clip's loader
             # reshapes a (1,) logit_scale back when the exported weights are loaded.
             clip.logit_scale = nn.Parameter(clip.logit_scale.detach().reshape(1))
         self.clip = clip
-        self.projector = nn.Linear(clip_embed_dim(clip), teacher_dim)
-        self.concept_classifier = nn.Linear(teacher_dim, num_concepts)
-        self.concept_classifier.requires_grad_(False)
+        self.max_logit_scale = max_logit_scale
+        self.head = KnowledgeHead(clip_embed_dim(clip), teacher_dim, num_concepts, concept_path, distill_impl)
 
     def load_concept_classifier(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
-        with torch.no_grad():
-            self.concept_classifier.weight.copy_(weight)
-            self.concept_classifier.bias.copy_(bias)
+        self.head.load_concept_classifier(weight, bias)
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict:
-        image = F.normalize(self.clip.encode_image(images), dim=-1)       # (B, d)
-        text = F.normalize(self.clip.encode_text(tokens), dim=-1)         # (B, d)
-        return {"image": image, "text": text, "logit_scale": self.clip.logit_scale.exp().reshape(())}
+    def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
+                teacher: torch.Tensor | None = None, concept: torch.Tensor | None = None) -> dict:
+        """Shapes: images (B, 3, H, W), tokens (B, L), teacher (B, d'), concept (B,) ->
+        {"image": (B, d), "text": (B, d), "logit_scale": (), "distill": (), "concept": ()} (what applies)."""
+        out = {}
+        if images is not None:
+            out["image"] = F.normalize(self.clip.encode_image(images), dim=-1)    # (B, d)
+        if tokens is not None:
+            out["text"] = F.normalize(self.clip.encode_text(tokens), dim=-1)      # (B, d)
+        out["logit_scale"] = capped_logit_scale(self.clip.logit_scale, self.max_logit_scale).reshape(())
+        out.update(self.head(out.get("text"), out.get("image"), teacher, concept))
+        return out
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
@@ -122,6 +253,8 @@ def export_student(clip: nn.Module, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in clip.state_dict().items()}
+    if "logit_scale" in state:  # what the student used in training: the capped scale (open_clip's clamp)
+        state["logit_scale"] = state["logit_scale"].clamp(max=math.log(MAX_LOGIT_SCALE))
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp))
     os.replace(tmp, path)

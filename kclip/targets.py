@@ -46,7 +46,14 @@ class TeacherTargets:
         return x
 
     def get(self, indices) -> np.ndarray:
+        """(k, d') float32 rows, normalised."""
         return self._apply(self.cache.get(indices))
+
+    def batch(self, indices) -> np.ndarray:
+        """(k, d') float16 rows for the trainer: one gather from the cache, normalised in float32 (the one place
+        targets are normalised), then float16, the cache's own precision, which the fused L_emb kernel reads
+        directly (no cast pass on the device)."""
+        return self._apply(self.cache.get(np.asarray(indices).reshape(-1))).astype(np.float16)
 
     def __getitem__(self, key) -> np.ndarray:
         if isinstance(key, slice):
