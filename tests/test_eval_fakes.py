@@ -2,7 +2,8 @@
 
 - ``SceneOracle``: knows each image's scene (looked up by pixel bytes) and parses captions, so its
   image and caption embeddings coincide exactly for a true caption and differ for any negative, and a
-  zero-shot prompt matches exactly the combos present: every metric should be at its maximum.
+  zero-shot prompt (``a <size> <colour> <shape>``) matches the combos present (best with the right
+  size): every metric should be at its maximum.
 - ``HashRandom``: a fixed random unit vector per image / text (seeded by content): chance level.
 - ``Constant``: the same vector for everything: ties everywhere, so pessimistic metrics are 0.
 """
@@ -18,7 +19,7 @@ from kclip.synthetic import COLORS, RELATIONS, SHAPES, SIZES
 _INV = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
 _OBJ = r"(small|large) (\w+) (\w+)"
 _CAPTION = re.compile(rf"^a {_OBJ} (to the left of|to the right of|above|below) a {_OBJ}$")
-_PROMPT = re.compile(r"^a photo of a (\w+) that has colour (\w+)\.$")
+_PROMPT = re.compile(rf"^a {_OBJ}$")  # the zero-shot prompt: one object in the caption grammar
 COMBOS = [(c, s) for c in COLORS for s in SHAPES]
 
 
@@ -77,7 +78,7 @@ class SceneOracle:
             if m:
                 out.append(self._vec([m.group(1, 2, 3), m.group(5, 6, 7)], m.group(4)))
             elif p:
-                out.append(self._vec([(None, p.group(2), p.group(1))], with_size=False))
+                out.append(self._vec([p.group(1, 2, 3)]))
             else:
                 raise AssertionError(f"oracle cannot parse {t!r}")
         return F.normalize(torch.stack(out), dim=-1)
