@@ -89,7 +89,7 @@ def plan() -> list[Step]:
              ["-m", b + "bench_train_step", "--models", "ViT-B-32", "--batch-size", "256", "--steps", "20",
               "--warmup", "5", "--teacher-steps", "4"],
              ["-m", b + "bench_train_step", "--quick", "--impls", "kclip-fused", "openclip-style", "online-teacher",
-              "deepspeed-zero2"], 120, 45, 200),
+              "kclip-zero3"], 120, 45, 200),
         Step("kmeans", "k-means 500k x 4096 x 1000, 10 Lloyd iterations: kclip vs flash-kmeans, "
                        "fast-pytorch-kmeans, cuML",
              ["-m", b + "bench_kmeans", "--n", "500000", "--d", "4096", "--k", "1000", "--iters", "10", "--impls",

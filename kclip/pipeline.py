@@ -173,7 +173,8 @@ def stage_concepts(cfg: Config, run_dir: Path, dist: DistInfo, cache, index: Pai
 
 
 def stage_train(cfg: Config, run_dir: Path, dist: DistInfo, index: PairIndex, cache, resume: bool = True,
-                progress: bool = True, stop_after: int = 0) -> dict | None:
+                progress: bool = True, stop_after: int = 0, val_index: PairIndex | None = None,
+                val_cache=None) -> dict | None:
     from kclip.concepts import load_concepts
     from kclip.trainer import TRAIN_DONE, TrainInputs, train
 
@@ -181,8 +182,12 @@ def stage_train(cfg: Config, run_dir: Path, dist: DistInfo, index: PairIndex, ca
         _log(dist, "train: done, skipped")
         return None
     concepts = load_concepts(run_dir / "concepts")
+    heldout = {}
+    if val_index is not None and val_cache is not None:  # the per-epoch R^2 of W_e(E_T(x)) on captions never trained on
+        heldout = dict(heldout_captions=val_index.captions, heldout_teacher=TeacherTargets(val_cache, cfg.loss.target_norm))
     inputs = TrainInputs(index=index, teacher=TeacherTargets(cache, cfg.loss.target_norm), labels=concepts["labels"].long(),
-                         classifier_weight=concepts["classifier.weight"], classifier_bias=concepts["classifier.bias"])
+                         classifier_weight=concepts["classifier.weight"], classifier_bias=concepts["classifier.bias"],
+                         **heldout)
     return train(cfg, run_dir, inputs, dist, resume=resume, progress=progress, stop_after=stop_after)
 
 
@@ -276,7 +281,8 @@ def run(cfg: Config, stages: tuple = STAGES, resume: bool = True, progress: bool
     if "concepts" in stages:
         stage_concepts(cfg, run_dir, dist, caches["train"], train_index, progress)
     if "train" in stages:
-        result["train"] = stage_train(cfg, run_dir, dist, train_index, caches["train"], resume, progress, stop_after)
+        result["train"] = stage_train(cfg, run_dir, dist, train_index, caches["train"], resume, progress, stop_after,
+                                      val_index, caches.get("val"))
         if result["train"] and result["train"].get("stopped_early"):
             return result
     if "eval" in stages:

@@ -1,6 +1,6 @@
 """The end-to-end benches cannot rot: train step, loader and the README table run at --quick sizes on CPU.
 
-One module-scoped run of each bench (they are the slow part: ~20 s for the train step with three DeepSpeed
+One module-scoped run of each bench (they are the slow part: ~20 s for the train step with five DeepSpeed
 engines, a few seconds for the loader), then checks on what they wrote.
 """
 import json
@@ -47,10 +47,9 @@ def test_train_step_every_impl_ran_with_required_fields(results):
         by_impl["kclip-fused"]["kernel_path"].startswith("reference (CPU fallback")
     assert "open_clip" in by_impl["openclip-style"]["kernel_path"]
     assert "int8" in by_impl["online-teacher"]["note"]
-    for stage in (1, 2, 3):
-        r = by_impl[f"deepspeed-zero{stage}"]
-        assert r["optimizer"].startswith(f"DeepSpeed ZeRO-{stage}")
-        assert r["vs_plain"] == pytest.approx(by_impl["plain"]["ms_median"] / r["ms_median"])
+    for impl, stage in (("kclip-zero1", 1), ("kclip-fused", 2), ("kclip-zero3", 3)):
+        assert by_impl[impl]["optimizer"].startswith(f"DeepSpeed ZeRO-{stage}")  # the product's Trainer step
+    assert by_impl["openclip-style"]["optimizer"] == "torch AdamW"
     assert by_impl["kclip-fused"]["vs_openclip_style"] == pytest.approx(
         by_impl["openclip-style"]["ms_median"] / by_impl["kclip-fused"]["ms_median"])
     assert by_impl["kclip-fused"]["vs_online_teacher"] == pytest.approx(
@@ -65,7 +64,7 @@ def test_flop_count_matches_the_analytic_linear_layers():
     from kclip.model import KnowledgeClip, build_clip
 
     clip, _, _, _ = build_clip("kclip-tiny", seed=0)
-    model = KnowledgeClip(clip, 24, 5)
+    model = KnowledgeClip(clip, 24, 5)  # distill_impl "triton": the counter switches it to the reference
     inputs = bench_train_step.make_inputs(clip, 3, 24, 5, 64, torch.float32, torch.device("cpu"))
     flops = bench_train_step.count_forward_flops(model, inputs, "fp32", torch.device("cpu"))
     v, t = clip.visual, clip.transformer
