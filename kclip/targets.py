@@ -31,7 +31,7 @@ class TeacherTargets:
         s = np.zeros(self.cache.dim)
         s2 = np.zeros(self.cache.dim)
         for i in range(0, n, chunk):
-            x = self.cache.get(np.arange(i, min(n, i + chunk))).astype(np.float64)   # (c, d')
+            x = self.cache.get(np.arange(i, min(n, i + chunk)), dtype=np.float32).astype(np.float64)   # (c, d')
             s += x.sum(0)
             s2 += (x * x).sum(0)
         mean = s / n
@@ -46,7 +46,7 @@ class TeacherTargets:
         return x
 
     def get(self, indices) -> np.ndarray:
-        return self._apply(self.cache.get(indices))
+        return self._apply(self.cache.get(indices, dtype=np.float32))
 
     def __getitem__(self, key) -> np.ndarray:
         if isinstance(key, slice):
