@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from bench.harness import RESULTS_DIR, ResultsLog, plot_vs, provenance
+from kclip.atomic import atomic_path
 
 NAME = "loader"
 
@@ -89,12 +90,10 @@ def jpeg_copy(data_dir: Path, quality: int = 90) -> Path:
             Image.open(data_dir / png).convert("RGB").save(data_dir / jpg, quality=quality)
             done[png] = jpg
         row["image"] = done[png]
-    tmp = out_csv.with_name(out_csv.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_path(out_csv) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, out_csv)
     return out_csv
 
 
