@@ -99,7 +99,7 @@ def test_get_batched_fp16_and_fp32(reference_cache, idx):
 def test_pickle_drops_memory_maps_and_workers_reopen_them(reference_cache):
     cache = open_cache(reference_cache)
     blob = pickle.dumps(cache)
-    assert len(blob) < 8192, "the pickle carries shard contents"  # 37 x 64 fp16 alone would be 4736 bytes
+    assert b"numpy" not in blob, "the pickle carries arrays (the shards' contents)"
     copy = pickle.loads(blob)
     assert copy._memmaps is None  # reopened on first use
     np.testing.assert_array_equal(copy.get([5, 30]), cache.get([5, 30]))
