@@ -4,7 +4,11 @@ Every implementation runs the same number of Lloyd iterations from the same init
 (``tol=0`` where the library allows it), so ``ms_per_iter = fit_s / n_iter`` compares like with like;
 ``fit_s`` is the wall time of that fit including the library's own data conversion. For kclip the
 assignment kernel alone is also timed (``assign_ms``, ``harness.time_fn``) against the chunked
-PyTorch reference (``torch-reference`` rows).
+PyTorch reference (``torch-reference`` rows), and so is the centroid update (``update_ms``): the
+deterministic segment-sum kernel (``kclip-update``: sort by label, one program per cluster and column
+block) against the atomic ``index_add_`` it replaced (``torch-index-add-update``, nondeterministic on a
+GPU) and the one-hot GEMM alternative (``torch-onehot-update``: ``onehot(labels)^T @ x`` per chunk,
+deterministic, 2*N*K*D FLOPs), all on the labels of the initial centroids.
 
 scikit-learn runs on the CPU: above ``--sklearn-max-n`` points it clusters a uniform subsample of
 that size, and it runs at most ``--sklearn-iters`` iterations; the record says so (``subsample_n``,
@@ -78,8 +82,21 @@ def _inertia(x: torch.Tensor, centroids: torch.Tensor) -> float:
 
 # ------------------------------------------------------------------------------------------------ runners
 
+def onehot_update(x: torch.Tensor, labels: torch.Tensor, k: int, chunk: int = 1 << 16) -> torch.Tensor:
+    """Cluster sums as ``onehot(labels)^T @ x`` per row chunk (cuBLAS GEMMs: deterministic), fp32 out."""
+    sums = torch.zeros((k, x.shape[1]), dtype=torch.float32, device=x.device)  # (K, D)
+    for s in range(0, x.shape[0], chunk):
+        xb = x[s:s + chunk]  # (B, D)
+        onehot = torch.nn.functional.one_hot(labels[s:s + chunk], k).to(xb.dtype)  # (B, K), exact in any dtype
+        if xb.is_cuda and xb.dtype != torch.float32:
+            sums += torch.mm(onehot.T, xb, out_dtype=torch.float32)  # bf16/fp16 GEMM, fp32 accumulate and out
+        else:
+            sums += onehot.T.float() @ xb.float()
+    return sums
+
+
 def run_kclip(x, init, iters, device):
-    from kclip.concepts import fit_kmeans
+    from kclip.kmeans import fit_kmeans
 
     res = fit_kmeans(x, init.shape[0], backend="triton", init=init, max_iter=iters, tol=0.0)
     return res.n_iter, res.inertia, {}
@@ -175,7 +192,7 @@ def main(argv=None) -> list[dict]:
 
     def add(rec: dict) -> None:  # on disk at once: a killed run keeps what it measured
         records.append(log.add(rec))
-        ms = rec.get("ms_per_iter") or rec.get("assign_ms")
+        ms = rec.get("ms_per_iter") or rec.get("assign_ms") or rec.get("update_ms")
         print(f"{rec['impl']:>24} n={rec['n']:>8} " + (f"{ms:10.2f} ms " if ms is not None else " " * 14)
               + str(rec.get("error") or rec.get("skipped") or rec.get("note") or ""), flush=True)
 
@@ -186,19 +203,25 @@ def main(argv=None) -> list[dict]:
         init = x[init_idx.to(device)].float()  # (K, D) the same initial centroids for everyone
         base = dict(prov, n=n, d=d, k=k, dtype=str(dtype).replace("torch.", ""), max_iter=iters, init="given")
 
-        if "kclip-triton" in impls:  # the assignment kernel alone vs the chunked PyTorch reference
-            from kclip.kernels import kmeans_assign, kmeans_assign_reference
+        if "kclip-triton" in impls:  # the two Lloyd steps alone, each against its PyTorch alternatives
+            from kclip.kernels import kmeans_assign, kmeans_assign_reference, kmeans_update, kmeans_update_reference
 
-            for name, fn in (("kclip-assign", lambda: kmeans_assign(x, init)),
-                             ("torch-reference-assign", lambda: kmeans_assign_reference(x, init))):
+            labels = kmeans_assign(x, init)[0]  # (N,) the labels the update steps sum under
+            steps = (("kclip-assign", "assign_ms", lambda: kmeans_assign(x, init)),
+                     ("torch-reference-assign", "assign_ms", lambda: kmeans_assign_reference(x, init)),
+                     ("kclip-update", "update_ms", lambda: kmeans_update(x, labels, k)),
+                     ("torch-index-add-update", "update_ms", lambda: kmeans_update_reference(x, labels, k)),
+                     ("torch-onehot-update", "update_ms", lambda: onehot_update(x, labels, k)))
+            for name, key, fn in steps:
                 try:
                     t = harness.time_fn(fn, device, warmup=1, rep=3 if device.type == "cpu" else 10)
                     mem = harness.peak_memory_bytes(fn, device)
-                    add(dict(base, impl=name, assign_ms=t["ms_median"], ms_p20=t["ms_p20"],
+                    add(dict(base, impl=name, **{key: t["ms_median"]}, ms_p20=t["ms_p20"],
                              ms_p80=t["ms_p80"], peak_bytes=mem, ms_per_iter=None, fit_s=None))
                 except Exception as exc:  # OOM or a missing feature: record and go on
                     add(dict(base, impl=name, error=f"{type(exc).__name__}: {exc}"[:300],
                              oom=harness.is_oom(exc)))
+            del labels
 
         for impl, (module, runner) in gpu_runners.items():
             if impl not in impls:
@@ -242,12 +265,12 @@ def main(argv=None) -> list[dict]:
             torch.cuda.empty_cache()
 
     out = log.path
-    plot_recs = [dict(r, ms=r.get("ms_per_iter") or r.get("assign_ms"), peak_mib=(r["peak_bytes"] / 2**20
+    plot_recs = [dict(r, ms=r.get("ms_per_iter") or r.get("assign_ms") or r.get("update_ms"), peak_mib=(r["peak_bytes"] / 2**20
                  if r.get("peak_bytes") else None)) for r in records]
     panels = ["ms"] + (["peak_mib"] if any(r["peak_mib"] for r in plot_recs) else [])
     harness.plot_vs(plot_recs, "n", panels, "impl", out.parent / "kmeans.png",
                     title=f"k-means, D={d}, K={k}, {dtype}, {prov['device']} (ms = per Lloyd iteration; "
-                          "*-assign = assignment only)")
+                          "*-assign / *-update = that step only)")
     return records
 
 

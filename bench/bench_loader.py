@@ -7,9 +7,11 @@ worker IPC and pinning only, no decode).
 
 The on-disk set is ``kclip.synthetic.generate`` at ``--image-size`` (224 by default, a few thousand images),
 re-encoded as JPEG with its own CSV by default (``--image-format jpeg``: web data such as CC3M is JPEG; PNG
-decodes slower), indexed and verified with ``kclip.data.build_index``. The teacher embeddings are an fp16
-(N, d') ``.npy`` memory map read row by row through ``kclip.targets.TeacherTargets`` (L2 mode), i.e. the same
-access pattern as the cache (``kclip.cache.EmbeddingCache`` memory-maps fp16 shards the same way).
+decodes slower), indexed and verified with ``kclip.data.build_index``. The teacher embeddings are a real
+teacher cache of those captions (random fp16 rows of dimension ``--teacher-dim``, sharded as the product
+shards them), written by the cache format's own writer (``kclip.embedding_cache.write_cache``) and read by
+the product's reader (``open_cache`` -> ``EmbeddingCache``, memory-mapped, reopened in each worker) through
+``kclip.targets.TeacherTargets`` (L2 mode): the code path training runs, not a copy of it.
 
 Each worker count: a fresh DataLoader (``pin_memory`` on a GPU, batches moved to the device with
 ``non_blocking``, as ``kclip.trainer`` does), time to the first batch (worker start-up) reported apart, then
@@ -28,6 +30,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -38,53 +41,35 @@ import numpy as np
 import torch
 
 from bench.harness import RESULTS_DIR, ResultsLog, plot_vs, provenance
+from kclip.atomic import atomic_path
 
 NAME = "loader"
 
 
-class NpyEmbeddings:
-    """An (N, d') fp16 ``.npy`` on disk, memory-mapped lazily in each process; ``get(indices)`` -> float32 rows.
+# The identity the benchmark's cache records: no teacher ran, so its name says what the rows are.
+BENCH_TEACHER = "random-normal (bench_loader)"
 
-    The memory map is opened on first use and dropped when pickled, so DataLoader workers (fork or spawn) each
-    map the file instead of receiving a copy of it.
+
+def teacher_cache(out_dir: Path, captions: list[str], dim: int, shard_size: int, seed: int = 0):
+    """A finished teacher cache of random fp16 rows for ``captions``, opened with the product's reader.
+
+    Reused when ``out_dir`` already holds one for these captions, dim and shard size; otherwise (re)written with
+    ``kclip.embedding_cache.write_cache``, the format's writer (the same files ``build_cache`` writes).
     """
+    from kclip.embedding_cache import (CacheCorruptError, CacheMismatchError, captions_sha256, open_cache,
+                                       write_cache)
 
-    def __init__(self, path: str | Path):
-        self.path = str(path)
-        header = np.load(self.path, mmap_mode="r")
-        self.count, self.dim = header.shape
-        self._mm = None
-
-    def __len__(self) -> int:
-        return self.count
-
-    def get(self, indices) -> np.ndarray:
-        if self._mm is None:
-            self._mm = np.load(self.path, mmap_mode="r")
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)       # (k,)
-        return self._mm[idx].astype(np.float32)                     # (k, d')
-
-    def __getstate__(self):
-        return {**self.__dict__, "_mm": None}
-
-
-def write_embeddings(path: Path, n: int, dim: int, seed: int = 0) -> Path:
-    """Random fp16 (n, dim) embeddings written as a .npy (chunked, atomic), unless one of that shape exists."""
-    if path.is_file():
-        try:
-            if np.load(path, mmap_mode="r").shape == (n, dim):
-                return path
-        except ValueError:
-            pass
-    tmp = path.with_name(path.name + ".tmp.npy")
-    mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, dim))
-    rng = np.random.default_rng(seed)
-    for i in range(0, n, 4096):
-        mm[i:i + 4096] = rng.standard_normal((min(4096, n - i), dim), dtype=np.float32)
-    mm.flush()
-    del mm
-    os.replace(tmp, path)
-    return path
+    expect = {"teacher": BENCH_TEACHER, "captions_sha256": captions_sha256(captions), "count": len(captions),
+              "dim": dim, "shard_size": shard_size}
+    try:
+        return open_cache(out_dir, expect=expect)
+    except (CacheCorruptError, CacheMismatchError):
+        shutil.rmtree(out_dir, ignore_errors=True)
+    rows = np.random.default_rng(seed).standard_normal((len(captions), dim), dtype=np.float32)  # (N, d')
+    write_cache(out_dir, rows, captions, {"teacher": BENCH_TEACHER, "revision": None, "precision": "fp32",
+                                          "pooling": "mean", "max_length": 0, "prompt": None, "dim": dim},
+                shard_size=shard_size)
+    return open_cache(out_dir, expect=expect)
 
 
 def jpeg_copy(data_dir: Path, quality: int = 90) -> Path:
@@ -105,12 +90,10 @@ def jpeg_copy(data_dir: Path, quality: int = 90) -> Path:
             Image.open(data_dir / png).convert("RGB").save(data_dir / jpg, quality=quality)
             done[png] = jpg
         row["image"] = done[png]
-    tmp = out_csv.with_name(out_csv.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_path(out_csv) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, out_csv)
     return out_csv
 
 
@@ -208,7 +191,8 @@ def compare(records: list[dict], step: dict | None) -> list[str]:
 
 def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny: 48 images at 64 px, kclip-tiny transforms, workers 0/2")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny: 48 images at 64 px, kclip-tiny transforms, workers 0/2, 3 cache shards")
     p.add_argument("--results-dir", default=None, help=f"where the JSONL and plot go (default {RESULTS_DIR})")
     p.add_argument("--data-dir", default=None, help="where the synthetic set lives (default: a temp folder, reused)")
     p.add_argument("--model", default=None, help="open_clip model whose train transform/tokenizer run (ViT-B-32)")
@@ -218,13 +202,15 @@ def _parse(argv):
     p.add_argument("--batch-size", type=int, default=None, help="default 256")
     p.add_argument("--batches", type=int, default=None, help="timed batches per worker count (default 20)")
     p.add_argument("--workers", type=int, nargs="+", default=None, help="default 0 2 4 8")
-    p.add_argument("--teacher-dim", type=int, default=None, help="d' of the memory-mapped embeddings (4096)")
+    p.add_argument("--teacher-dim", type=int, default=None, help="d' of the cached teacher embeddings (4096)")
+    p.add_argument("--shard-size", type=int, default=None,
+                   help="captions per cache shard (default: the product's, teacher.shard_size)")
     p.add_argument("--no-control", action="store_true", help="skip the in-memory control")
     p.add_argument("--device", default=None, help="default cuda when available (cpu with --quick)")
     args = p.parse_args(argv)
     if args.quick:
         defaults = dict(model="kclip-tiny", num_images=48, image_size=64, batch_size=16, batches=4, workers=[0, 2],
-                        teacher_dim=64, device="cpu")
+                        teacher_dim=64, shard_size=32, device="cpu")
     else:
         defaults = dict(model="ViT-B-32", num_images=3000, image_size=224, batch_size=256, batches=20,
                         workers=[0, 2, 4, 8], teacher_dim=4096,
@@ -238,6 +224,7 @@ def _parse(argv):
 def main(argv=None) -> list[dict]:
     import open_clip
 
+    from kclip.config import TeacherConfig
     from kclip.data import PairDataset, build_index
     from kclip.model import register_model_configs
     from kclip.synthetic import generate
@@ -255,7 +242,9 @@ def main(argv=None) -> list[dict]:
     table = jpeg_copy(data_dir) if args.image_format == "jpeg" else data_dir / "train.csv"
     index = build_index("csv", str(table), cache_path=data_dir / f"index_{table.stem}.json", progress=False)
     n = len(index.pairs)
-    emb = NpyEmbeddings(write_embeddings(data_dir / f"teacher_{args.teacher_dim}.npy", n, args.teacher_dim))
+    shard_size = args.shard_size or TeacherConfig().shard_size
+    cache = teacher_cache(data_dir / f"teacher_{table.stem}_{args.teacher_dim}", index.captions, args.teacher_dim,
+                          shard_size)
     prep_s = time.perf_counter() - t0
 
     register_model_configs()
@@ -268,7 +257,7 @@ def main(argv=None) -> list[dict]:
         preprocess = open_clip.image_transform(size, is_train=True)
     tokenizer = open_clip.get_tokenizer(args.model)
     labels = torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(0))
-    real = PairDataset(index, preprocess, tokenizer, TeacherTargets(emb, "l2"), labels, seed=0)
+    real = PairDataset(index, preprocess, tokenizer, TeacherTargets(cache, "l2"), labels, seed=0)
     context = int(tokenizer(["a"]).shape[1])
     control = InMemoryPairs(n, size, context, args.teacher_dim)
 
@@ -282,7 +271,8 @@ def main(argv=None) -> list[dict]:
     prov = provenance(device)
     base = {**prov, "bench": NAME, "model": args.model, "stored_image_size": args.image_size, "image_size": size,
             "image_format": args.image_format, "batch": args.batch_size, "num_pairs": n,
-            "teacher_dim": args.teacher_dim, "pin_memory": device.type == "cuda", "cpu_count": os.cpu_count(),
+            "teacher_dim": args.teacher_dim, "cache_shards": cache.manifest.num_shards,
+            "pin_memory": device.type == "cuda", "cpu_count": os.cpu_count(),
             "prepare_s": prep_s}
     log = ResultsLog(NAME, results_dir)
     records = []

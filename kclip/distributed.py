@@ -75,3 +75,11 @@ def all_reduce_mean(value: float) -> float:
         t = t.cuda()
     dist.all_reduce(t)
     return t.item() / dist.get_world_size()
+
+
+def process_group() -> tuple[int, int] | None:
+    """(rank, world_size) of the initialised torch.distributed process group; None without one."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return None

@@ -31,7 +31,7 @@ class TeacherTargets:
         s = np.zeros(self.cache.dim)
         s2 = np.zeros(self.cache.dim)
         for i in range(0, n, chunk):
-            x = self.cache.get(np.arange(i, min(n, i + chunk))).astype(np.float64)   # (c, d')
+            x = self.cache.get(np.arange(i, min(n, i + chunk)), dtype=np.float32).astype(np.float64)   # (c, d')
             s += x.sum(0)
             s2 += (x * x).sum(0)
         mean = s / n
@@ -47,13 +47,16 @@ class TeacherTargets:
 
     def get(self, indices) -> np.ndarray:
         """(k, d') float32 rows, normalised."""
-        return self._apply(self.cache.get(indices))
+        return self._apply(self.cache.get(indices, dtype=np.float32))
 
     def batch(self, indices) -> np.ndarray:
         """(k, d') float16 rows for the trainer: one gather from the cache, normalised in float32 (the one place
         targets are normalised), then float16, the cache's own precision, which the fused L_emb kernel reads
         directly (no cast pass on the device)."""
-        return self._apply(self.cache.get(np.asarray(indices).reshape(-1))).astype(np.float16)
+        rows = np.asarray(indices).reshape(-1)
+        if self.mode == "none":  # the cache's own fp16 rows, no round trip
+            return self.cache.get(rows, dtype=np.float16)
+        return self._apply(self.cache.get(rows, dtype=np.float32)).astype(np.float16)
 
     def __getitem__(self, key) -> np.ndarray:
         if isinstance(key, slice):

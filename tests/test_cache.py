@@ -1,8 +1,10 @@
-"""kclip.cache: sharded fp16 cache, atomic resumable builds (SIGKILL mid-way), verification, mismatch refusal."""
+"""kclip.cache: sharded fp16 cache, atomic resumable builds (SIGKILL mid-way), verification, mismatch refusal,
+batched reads, pickling for loader workers, and the format's own writer."""
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -13,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-import kclip.cache as C
 from kclip.cache import (CacheCorruptError, CacheMismatchError, build_cache, cache_is_complete, captions_sha256,
-                         expected_fields, open_cache)
+                         expected_fields, open_cache, teacher_fields, write_cache)
+from kclip.embedding_cache import write_shard
 from kclip.teacher import load_teacher
 from test_teacher import CORPUS, make_tiny_llama
 
@@ -60,24 +62,79 @@ def test_cache_contents_manifest_and_reading(teacher, reference_cache):
     assert all(isinstance(mm, np.memmap) and mm.dtype == np.float16 for mm in cache.memmaps)
     want = teacher.encode(CAPTIONS).numpy().astype(np.float16).astype(np.float32)
     idx = [36, 0, 7, 5, 4, -1, 12]
-    got = cache.get(idx)
+    got = cache.get(idx, dtype=np.float32)
     assert got.dtype == np.float32 and got.shape == (7, 64)
     # Shards are embedded shard by shard (other batches): equal up to fp32 noise + fp16 rounding.
     np.testing.assert_allclose(got, want[idx], atol=2e-3, rtol=2e-3)
     full = cache.as_array()
     assert full.dtype == np.float16 and full.shape == (37, 64)
     np.testing.assert_array_equal(got, full[[36, 0, 7, 5, 4, 36, 12]].astype(np.float32))
-    np.testing.assert_array_equal(cache[3], full[3].astype(np.float32))
-    np.testing.assert_array_equal(cache[5:9], full[5:9].astype(np.float32))
+    np.testing.assert_array_equal(cache[3], full[3])
+    np.testing.assert_array_equal(cache[5:9], full[5:9])
     with pytest.raises(IndexError, match="37"):
         cache.get([37])
+    with pytest.raises(ValueError, match="float16 or float32"):
+        cache.get([0], dtype=np.float64)
     assert cache_is_complete(reference_cache)
+
+
+@pytest.mark.parametrize("idx", [
+    [3, 1, 4, 1],                          # one shard, any order, a repeat: one gather straight into the result
+    list(range(2, 23)),                    # several shards, grouped in order: one gather per shard into slices
+    [36, 0, 7, 5, 4, -1, 12, 12, 35, 20],  # several shards, scattered (negatives, repeats): gather + scatter
+    [],
+])
+def test_get_batched_fp16_and_fp32(reference_cache, idx):
+    cache = open_cache(reference_cache)
+    full = cache.as_array()  # (37, 64) fp16, the ground truth
+    rows = [i % 37 for i in idx]
+    half = cache.get(idx)
+    assert half.dtype == np.float16 and half.shape == (len(idx), 64) and half.flags.c_contiguous
+    np.testing.assert_array_equal(half, full[rows])  # the stored bits, no float32 round trip
+    single = cache.get(np.asarray(idx, dtype=np.int32), dtype=np.float32)
+    assert single.dtype == np.float32
+    np.testing.assert_array_equal(single, full[rows].astype(np.float32))
+
+
+def test_pickle_drops_memory_maps_and_workers_reopen_them(reference_cache):
+    cache = open_cache(reference_cache)
+    blob = pickle.dumps(cache)
+    assert b"numpy" not in blob, "the pickle carries arrays (the shards' contents)"
+    copy = pickle.loads(blob)
+    assert copy._memmaps is None  # reopened on first use
+    np.testing.assert_array_equal(copy.get([5, 30]), cache.get([5, 30]))
+    assert all(isinstance(mm, np.memmap) for mm in copy.memmaps)
+    # A spawned DataLoader worker receives the cache by pickle and maps the shards itself.
+    loader = torch.utils.data.DataLoader(cache, batch_size=8, num_workers=1, multiprocessing_context="spawn")
+    got = torch.cat(list(loader))
+    assert got.dtype == torch.float16
+    np.testing.assert_array_equal(got.numpy(), cache.as_array())
+
+
+def test_write_cache_is_the_same_format(teacher, reference_cache, tmp_path):
+    """The format's own writer (embeddings computed elsewhere) writes the files build_cache writes."""
+    ref = open_cache(reference_cache)
+    out = tmp_path / "written"
+    m = write_cache(out, ref.get(np.arange(37), dtype=np.float32), CAPTIONS, teacher_fields(teacher),
+                    shard_size=SHARD)
+    assert m.complete
+    cache = open_cache(out, expect=expected_fields(teacher, CAPTIONS), verify_checksums=True)
+    for a, b in zip(_shard_files(out), _shard_files(reference_cache)):
+        assert a.read_bytes() == b.read_bytes(), a.name
+    assert cache.manifest.shards == ref.manifest.shards
+    with pytest.raises(ValueError, match="already holds"):
+        write_cache(out, ref.as_array(), CAPTIONS, teacher_fields(teacher), shard_size=SHARD)
+    with pytest.raises(ValueError, match="shape"):
+        write_cache(tmp_path / "w2", ref.as_array()[:5], CAPTIONS, teacher_fields(teacher))
+    with pytest.raises(ValueError, match="lacks"):
+        write_cache(tmp_path / "w3", ref.as_array(), CAPTIONS, {"teacher": "x"})
 
 
 _CHILD = textwrap.dedent("""
     import json, os, signal, sys
     from pathlib import Path
     import kclip.cache as C
+    import kclip.embedding_cache as F
     from kclip.teacher import load_teacher
 
     model, out, kill_at, shard_size, caps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
@@ -89,7 +146,7 @@ _CHILD = textwrap.dedent("""
         encoded.append(len(toks))
         return enc(toks, **kw)
     teacher.encode_tokenized = counting
-    atomic = C._atomic_write_bytes
+    atomic = F.atomic_write_bytes
     def dying(path, data):
         # SIGKILL half-way through writing shard `kill_at`: a partial temp file is all that is left of it.
         if kill_at >= 0 and Path(path).name == f"shard_{kill_at:05d}.npy":
@@ -98,7 +155,7 @@ _CHILD = textwrap.dedent("""
                 f.write(data[: len(data) // 2])
             os.kill(os.getpid(), signal.SIGKILL)
         return atomic(path, data)
-    C._atomic_write_bytes = dying
+    F.atomic_write_bytes = dying
     C.build_cache(teacher, captions, out, shard_size=shard_size, progress=True)
     print("ENCODED", json.dumps(encoded))
 """)
@@ -249,5 +306,5 @@ def test_captions_sha256_is_order_and_boundary_sensitive():
 
 def test_fp16_overflow_is_refused(tmp_path):
     with pytest.raises(FloatingPointError, match="caption 3"):
-        C._write_shard(tmp_path, 0, torch.tensor([[1.0], [2.0], [3.0], [1e6]]), {"start": 0})
+        write_shard(tmp_path, 0, torch.tensor([[1.0], [2.0], [3.0], [1e6]]), {"start": 0})
     assert not list(tmp_path.glob("shard_*"))
