@@ -75,7 +75,8 @@ def plan() -> list[Step]:
         Step("cuda_tests", "pytest -m cuda: every kernel against its reference on the GPU",
              ["-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "tests"],
              ["-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "tests/test_clip_contrastive_loss.py",
-              "tests/test_projected_mse_loss.py", "tests/test_kmeans_assign.py"], 70, 30, 150, results=False),
+              "tests/test_projected_mse_loss.py", "tests/test_kmeans_assign.py", "tests/test_kmeans_update.py"],
+             70, 30, 150, results=False),
         Step("contrastive", "clip_contrastive_loss fwd+bwd, N 16k/32k/131072 x D 768/512, kclip vs open_clip "
                             "ClipLoss vs Inf-CL (N x N impls up to 32k)",
              ["-m", b + "bench_clip_contrastive_loss", "--ns", "16384", "32768", "131072", "--ds", "768", "512",

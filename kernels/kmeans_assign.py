@@ -30,7 +30,7 @@ Memory
 
 Limits
     Inputs must be finite (NaN rows get an arbitrary label); callers that need a check do it once on
-    the data (``kclip.concepts.fit_kmeans`` does).
+    the data (``kclip.kmeans.fit_kmeans`` does).
 """
 from __future__ import annotations
 

@@ -88,9 +88,21 @@ def kmeans(dtype: str):
                                                UPCAST=False, IEEE=dtype == "fp32"), b["num_warps"], b["num_stages"])
 
 
+def kmeans_update(dtype: str):
+    import importlib
+    m = importlib.import_module("kclip.kernels.kmeans_update")
+    for d in (4096, 48):
+        b = m._block_sizes(d)
+        sig = dict(x_ptr=f"*{dtype}", order_ptr="*i64", offsets_ptr="*i64", sums_ptr="*fp32", D="i32",
+                   stride_xn="i32", stride_xd="i32")
+        yield f"kmeans_update {dtype} D={d}", compile_kernel(
+            m._segment_sum_kernel, sig, dict(BLOCK_R=b["BLOCK_R"], BLOCK_D=b["BLOCK_D"]), b["num_warps"],
+            b["num_stages"])
+
+
 def main() -> int:
     failures = 0
-    for gen in (contrastive, projected_mse, kmeans):
+    for gen in (contrastive, projected_mse, kmeans, kmeans_update):
         for dtype in ("bf16", "fp32"):
             try:
                 for name, shared in gen(dtype):

@@ -20,6 +20,7 @@ def test_all_kernels_compile_for_sm90():
     out = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, env=env, timeout=600)
     lines = [line for line in out.stdout.splitlines() if line.startswith(("ok", "FAIL"))]
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
-    for op in ("clip_contrastive_loss row_stats", "clip_contrastive_loss grad", "projected_mse_loss fwd", "kmeans_assign"):
+    for op in ("clip_contrastive_loss row_stats", "clip_contrastive_loss grad", "projected_mse_loss fwd", "kmeans_assign",
+               "kmeans_update"):
         for dtype in ("bf16", "fp32"):
             assert any(line.startswith(f"ok  {op} {dtype}") for line in lines), (op, dtype, out.stdout)
