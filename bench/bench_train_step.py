@@ -530,11 +530,12 @@ def plot(records: list[dict], out_png: Path) -> Path | None:
     ok = [r for r in records if r.get("pairs_per_s")]
     if not ok:
         return None
-    import os
 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from kclip.atomic import atomic_path
 
     models = sorted({r["model"] for r in ok})
     fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 4), squeeze=False)
@@ -548,10 +549,9 @@ def plot(records: list[dict], out_png: Path) -> Path | None:
         ax.set_title(f"{model}, batch {rs[0]['batch']}, {rs[0]['precision']} ({rs[0]['device']})", fontsize=8)
         ax.invert_yaxis()
     fig.tight_layout()
-    tmp = out_png.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, out_png)
     return out_png
 
 

@@ -184,21 +184,19 @@ def _kill_group(proc: subprocess.Popen, sig: int) -> None:
 
 def pack(out: Path, pack_dir: Path | None) -> None:
     """``<pack_dir>/kclip-gpu-suite.tar.gz`` of everything under ``out`` (atomic), plus summary and log beside it."""
+    from kclip.atomic import atomic_path, atomic_write_bytes
+
     if pack_dir is None:
         return
     pack_dir.mkdir(parents=True, exist_ok=True)
-    tmp = pack_dir / (PACK_NAME + ".tmp")
-    with tarfile.open(tmp, "w:gz") as tar:
+    with atomic_path(pack_dir / PACK_NAME) as tmp, tarfile.open(tmp, "w:gz") as tar:
         for path in sorted(out.rglob("*")):
-            if path.is_file() and not path.name.endswith(".tmp"):
+            if path.is_file() and ".tmp" not in path.name:
                 tar.add(path, arcname=str(path.relative_to(out)))
-    os.replace(tmp, pack_dir / PACK_NAME)
     for name in ("summary.md", "suite.log", "suite.json"):
         src = out / name
         if src.exists() and pack_dir.resolve() != out.resolve():
-            tmp = pack_dir / (name + ".tmp")
-            tmp.write_bytes(src.read_bytes())
-            os.replace(tmp, pack_dir / name)
+            atomic_write_bytes(pack_dir / name, src.read_bytes())
 
 
 def _junit_counts(xml_path: Path) -> dict:
@@ -291,9 +289,9 @@ def run_suite(steps: list[Step], budget_s: float, out: Path, quick: bool = False
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    from kclip.atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=1, default=str))
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from typing import Callable
 
 import torch
 
+from kclip.atomic import atomic_path, atomic_write_text
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -148,9 +150,7 @@ class ResultsLog:
             except (json.JSONDecodeError, AttributeError):
                 is_mine = False
             out.append(json.dumps(next(mine), sort_keys=True) if is_mine else line)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(x + "\n" for x in out), encoding="utf-8")
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(x + "\n" for x in out))
         return self.path
 
 
@@ -175,8 +175,7 @@ def plot_vs(records: list[dict], x: str, ys: list[str], group: str, out_png: Pat
     fig.suptitle(title)
     fig.tight_layout()
     out_png = Path(out_png)
-    tmp = out_png.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, out_png)
     return out_png

@@ -19,10 +19,10 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
 from pathlib import Path
 
 from bench.harness import RESULTS_DIR
+from kclip.atomic import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
@@ -225,9 +225,7 @@ def write_readme(readme: Path, table: str) -> bool:
     if start < 0 or end < 0 or end < start:
         return False
     new = text[:start + len(START)] + "\n" + table + text[end:]
-    tmp = readme.with_name(readme.name + ".tmp")
-    tmp.write_text(new, encoding="utf-8")
-    os.replace(tmp, readme)
+    atomic_write_text(readme, new)
     return True
 
 

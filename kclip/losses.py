@@ -17,7 +17,6 @@ result. ``tests/test_losses.py`` checks that 2-rank encoder gradients equal 1-ra
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 class _ScaleGrad(torch.autograd.Function):

@@ -250,12 +250,13 @@ def export_student(clip: nn.Module, path: str | Path) -> Path:
     """Save the student as a safetensors state dict that ``open_clip.create_model(name, pretrained=path)`` loads."""
     from safetensors.torch import save_file
 
+    from kclip.atomic import atomic_path
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in clip.state_dict().items()}
     if "logit_scale" in state:  # what the student used in training: the capped scale (open_clip's clamp)
         state["logit_scale"] = state["logit_scale"].clamp(max=math.log(MAX_LOGIT_SCALE))
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
     return path

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from kclip.atomic import atomic_path, atomic_write_text
 
 GENERATOR_VERSION = 1
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -105,12 +106,6 @@ def render(scene: Scene, size: int, rng: np.random.Generator):
     return img
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def generate(out_dir: str | Path, n_train_images: int = 1200, n_val_images: int = 200, captions_per_image: int = 2,
              image_size: int = 32, heldout: int = 4, seed: int = 0, progress: bool = True) -> dict:
     """Write the dataset to ``out_dir`` unless an identical one is already there; return its meta dict.
@@ -150,14 +145,12 @@ def generate(out_dir: str | Path, n_train_images: int = 1200, n_val_images: int 
                 rows.append({"uid": f"{split}-{image_id:06d}-{p}", "image": name, "caption": caption,
                              "image_id": image_id, **asdict(scene)})
             image_id += 1
-        tmp = out_dir / f"{split}.csv.tmp"
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
+        with atomic_path(out_dir / f"{split}.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, out_dir / f"{split}.csv")
     meta = {"params": params, "shapes": list(SHAPES), "colors": list(COLORS), "sizes": list(SIZES),
             "relations": list(RELATIONS), "heldout_combos": [list(c) for c in held],
             "attribute_columns": list(ATTRIBUTE_COLUMNS)}
-    _atomic_write_text(meta_path, json.dumps(meta, indent=2))
+    atomic_write_text(meta_path, json.dumps(meta, indent=2))
     return meta

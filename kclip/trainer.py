@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kclip.atomic import atomic_write_json
 from kclip.config import Config, deepspeed_config, to_dict
 from kclip.data import PairDataset, PairIndex, pair_loader, rank_batches
 from kclip.distributed import DistInfo, all_reduce_mean, barrier
@@ -298,7 +298,7 @@ def train(cfg: Config, run_dir: Path, inputs: TrainInputs, dist: DistInfo, resum
                   f"{verdict}", flush=True)
     trainer.export(run_dir / STUDENT_FILE)
     if dist.is_main:
-        _atomic_json(run_dir / TRAIN_DONE, summary)
+        atomic_write_json(run_dir / TRAIN_DONE, summary)
     barrier()
     return summary
 
@@ -346,12 +346,6 @@ class _ResumableBatches:
             for b in batches[start:self.per_epoch]:
                 yield (b + epoch * self.n).tolist()
             epoch, start = epoch + 1, 0
-
-
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def _fp32(clip):
