@@ -198,10 +198,19 @@ def _omegaconf_error(exc: Exception, source: str) -> ConfigError:
 
 
 def _packaged_configs():
-    """The installed ``kclip.configs`` folder (an ``importlib.resources`` Traversable)."""
+    """The installed ``kclip.configs`` folder (an ``importlib.resources`` Traversable).
+
+    An editable install made before configs/ was packaged (or kclip imported from a checkout on PYTHONPATH)
+    has no ``kclip.configs``: then the checkout's configs/ folder is used; ``pip install -e .`` again fixes it.
+    """
     from importlib.resources import files
 
-    return files(PRESETS_PACKAGE)
+    try:
+        return files(PRESETS_PACKAGE)
+    except ModuleNotFoundError:
+        if (REPO_ROOT / "configs").is_dir():
+            return REPO_ROOT / "configs"
+        raise
 
 
 def preset_names() -> list[str]:
@@ -290,6 +299,8 @@ def load_config(path: str | Path | None = None, overrides: Optional[List[str]] =
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value (e.g. train.epochs=2)")
+        if item.endswith("="):  # `model.pretrained=''` reaches us as `model.pretrained=`: the empty string, not null
+            item += "''"
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as exc:

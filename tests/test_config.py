@@ -40,6 +40,8 @@ def test_paper_preset_matches_the_paper():
 def test_overrides_apply_with_types():
     cfg = load_config(None, ["train.epochs=3", "loss.beta=0.5", "teacher.precision=bf16"])
     assert cfg.train.epochs == 3 and cfg.loss.beta == 0.5 and cfg.teacher.precision == "bf16"
+    # `model.pretrained=''` in a shell arrives as `model.pretrained=`: the empty string
+    assert load_config("paper", ["model.pretrained=", "teacher.prompt=''"]).model.pretrained == ""
 
 
 @pytest.mark.parametrize("override, needle", [
