@@ -79,7 +79,7 @@ def run_from_args(args, stages) -> dict:
     try:
         return pipeline.run(cfg, stages=stages, resume=args.resume, progress=args.progress,
                             stop_after=args.stop_after, rebuild=args.rebuild)
-    except pipeline.StaleOutputError as exc:
+    except (pipeline.StaleOutputError, pipeline.MissingInputError) as exc:
         print(f"kclip: {exc}", file=sys.stderr)
         raise SystemExit(3) from None
 

@@ -80,8 +80,14 @@ STAMPS = {"concepts": "concepts/stamp.json", "train": "train_stamp.json", "eval"
 
 
 class StaleOutputError(RuntimeError):
-    """A stage's existing output was made from other inputs and is too expensive to rebuild unasked; the message
-    names every changed key (old -> new) and the ``--rebuild`` flag that rebuilds it."""
+    """A stage's existing output was made from other inputs and is too expensive to rebuild unasked (or, for a
+    stage this command does not run, cannot be rebuilt by it); the message names every changed key
+    (old -> new) and what to run."""
+
+
+class MissingInputError(FileNotFoundError):
+    """A stage this command runs needs the output of a stage it does not run, and that output is missing or
+    unfinished; the message names the stage to run first."""
 
 
 def _log(dist: DistInfo, msg: str) -> None:
@@ -589,11 +595,14 @@ def _plan(ctx: StageContext, stages: tuple, explicit: set) -> dict:
         elif any(stage in DEPENDS[s] for s in stages if s != stage) and stage != "teach":
             users = [s for s in stages if stage in DEPENDS[s]]
             d = decide(stage, ctx, set(), pending)
+            if d.action in ("build", "resume"):
+                raise MissingInputError(f"{'/'.join(users)} needs the {stage} output in {ctx.run_dir}, which is "
+                                        f"{'missing' if d.action == 'build' else 'not finished'}. Run `kclip {stage}` "
+                                        f"(or `kclip run`) first.")
             if d.action != "skip":
-                state = {"build": "missing", "resume": "not finished"}.get(d.action, "made from other inputs: " +
-                                                                        "; ".join(d.reasons))
-                raise FileNotFoundError(f"{'/'.join(users)} needs the {stage} output in {ctx.run_dir}, which is "
-                                        f"{state}. Run `kclip {stage}` (or `kclip run`) first.")
+                raise StaleOutputError(f"{'/'.join(users)} needs the {stage} output in {ctx.run_dir}, which was made "
+                                       f"from other inputs: {'; '.join(d.reasons)}. Run `kclip {stage}` (or "
+                                       f"`kclip run`) first.")
     stops = {s for s, d in plan.items() if d.action == "stop"}
     if stops:
         stale = {s: d.reasons for s, d in plan.items() if d.action in ("stop", "rebuild") and d.reasons != ["--rebuild"]}
