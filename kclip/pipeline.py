@@ -107,7 +107,8 @@ def data_paths(cfg: Config, run_dir: Path) -> tuple[str, str, str]:
     return cfg.data.source, cfg.data.train, cfg.data.val
 
 
-def prepare_data(cfg: Config, run_dir: Path, dist: DistInfo, progress: bool = True) -> tuple[PairIndex, PairIndex | None]:
+def prepare_data(cfg: Config, run_dir: Path, dist: DistInfo,
+                 progress: bool = True) -> tuple[PairIndex, PairIndex | None]:
     """Generate (synthetic) and verify/index the train and val pairs; rank 0 does the work, others reuse it."""
     source, train_spec, val_spec = data_paths(cfg, run_dir)
     columns = dict(image_column=cfg.data.image_column, caption_column=cfg.data.caption_column,
@@ -605,7 +606,8 @@ def _plan(ctx: StageContext, stages: tuple, explicit: set) -> dict:
                                        f"`kclip run`) first.")
     stops = {s for s, d in plan.items() if d.action == "stop"}
     if stops:
-        stale = {s: d.reasons for s, d in plan.items() if d.action in ("stop", "rebuild") and d.reasons != ["--rebuild"]}
+        stale = {s: d.reasons for s, d in plan.items()
+                 if d.action in ("stop", "rebuild") and d.reasons != ["--rebuild"]}
         raise StaleOutputError(_stop_message(ctx.run_dir, stale, stops, ctx.cfg))
     return plan
 

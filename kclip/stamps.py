@@ -85,7 +85,8 @@ def input_changes(stamp: Mapping, inputs: Mapping[str, Any]) -> list[str]:
     for key in sorted(set(old) | set(inputs)):
         a, b = old.get(key, missing), inputs.get(key, missing)
         if a != b:
-            out.append(f"{key}: {'(absent)' if a is missing else short(a)} -> {'(absent)' if b is missing else short(b)}")
+            old_v, new_v = ("(absent)" if v is missing else short(v) for v in (a, b))
+            out.append(f"{key}: {old_v} -> {new_v}")
     return out
 
 

@@ -258,33 +258,28 @@ def _em_train_captions(captions: list[str], seed: int) -> list[str]:
 
 def _evaluations(data: EvalData, caption_retrieval: bool, concept_labels, cub_root, awa2_root, em_train: list[str],
                  has_teacher: bool) -> dict:
-    """Per evaluation: {"ran": bool, "on": what (when it ran) | "why": why not}."""
+    """Per evaluation: {"ran": True, "on": what it ran on} or {"ran": False, "why": why not}."""
     nv, ni = len(data.val.captions), len(data.val.images)
-    synthetic_why = "needs the built-in synthetic set's ground truth (data.source is not synthetic)"
+    needs_truth = "needs the built-in synthetic set's ground truth (data.source is not synthetic)"
 
-    def ran(on):
-        return {"ran": True, "on": on}
+    def entry(ran: bool, on: str, why: str) -> dict:
+        return {"ran": True, "on": on} if ran else {"ran": False, "why": why}
 
-    def skipped(why):
-        return {"ran": False, "why": why}
-
+    concepts_on = "k-means labels of the training captions: " + (
+        "cluster sizes, NMI vs the true attributes" if data.synthetic else f"cluster sizes only (NMI {needs_truth})")
     return {
-        "retrieval": ran(f"{ni} val images, {nv} val captions"),
-        "caption_retrieval": ran("val images with 2+ captions") if caption_retrieval
-        else skipped("no val image has two or more captions"),
-        "text_em": ran(f"probe trained on {len(em_train)} train captions, tested on {nv} val captions"),
-        "teacher": ran("cached teacher embeddings (text-only metrics)") if has_teacher
-        else skipped("no teacher encoder given"),
-        "attribute_zeroshot": ran("synthetic val images, 20 colour-shape classes") if data.synthetic
-        else skipped(synthetic_why),
-        "compositional": ran("synthetic val images, hard-negative captions") if data.synthetic
-        else skipped(synthetic_why),
-        "concepts": (ran("k-means labels of the training captions" + (" vs true attributes (NMI)" if data.synthetic
-                                                                     else "; cluster sizes only (NMI " + synthetic_why + ")")))
-        if concept_labels is not None else skipped("no concept labels given"),
-        "cub": ran(str(cub_root)) if cub_root else skipped("eval.cub_root not set (the CUB_200_2011 folder as released)"),
-        "awa2": ran(str(awa2_root)) if awa2_root
-        else skipped("eval.awa2_root not set (the Animals_with_Attributes2 folder as released)"),
+        "retrieval": entry(True, f"{ni} val images, {nv} val captions", ""),
+        "caption_retrieval": entry(caption_retrieval, "val images with 2+ captions",
+                                   "no val image has two or more captions"),
+        "text_em": entry(True, f"probe trained on {len(em_train)} train captions, tested on {nv} val captions", ""),
+        "teacher": entry(has_teacher, "cached teacher embeddings (text-only metrics)", "no teacher encoder given"),
+        "attribute_zeroshot": entry(data.synthetic is not None, "synthetic val images, 20 colour-shape classes",
+                                    needs_truth),
+        "compositional": entry(data.synthetic is not None, "synthetic val images, hard-negative captions", needs_truth),
+        "concepts": entry(concept_labels is not None, concepts_on, "no concept labels given"),
+        "cub": entry(bool(cub_root), str(cub_root), "eval.cub_root not set (the CUB_200_2011 folder as released)"),
+        "awa2": entry(bool(awa2_root), str(awa2_root),
+                      "eval.awa2_root not set (the Animals_with_Attributes2 folder as released)"),
     }
 
 
@@ -353,8 +348,10 @@ def run_eval(models: Mapping[str, object], data: EvalData | str | Path, out_dir:
         report["teacher"]["seconds"] = time.perf_counter() - t1
     else:
         report["teacher"] = None
-    report["baselines"] = ({"compositional_text_only": compositional.text_only_baseline(synthetic_train.captions, items)}
-                           if items is not None else {})
+    report["baselines"] = {}
+    if items is not None:
+        report["baselines"]["compositional_text_only"] = compositional.text_only_baseline(synthetic_train.captions,
+                                                                                          items)
     report["chance"] = chance_levels(data.val, zs_sets.get("attribute"))
     report["concepts"] = concepts
     report["evaluations"] = _evaluations(data, caption_retrieval, concept_labels, cub_root, awa2_root, em_train,
