@@ -165,7 +165,7 @@ def teacher_cache_dir(cfg: Config, run_dir: Path) -> Path:
     return Path(cfg.teacher.cache_dir) if cfg.teacher.cache_dir else run_dir / "teacher"
 
 
-def teacher_identity(cfg: Config) -> dict:
+def teacher_identity_from_config(cfg: Config) -> dict:
     """The teacher's part of a cache's identity, from the config alone (no weights, no network).
 
     Stand-in until ``kclip.teacher.teacher_identity`` lands. ``teacher.name`` is compared by the names it
@@ -199,7 +199,7 @@ def cache_changes(manifest, cfg: Config, index: PairIndex, split: str) -> list[s
     """``key: cached -> config`` for every way the cache differs from what the config asks for."""
     from kclip.cache import captions_sha256
 
-    ident = teacher_identity(cfg)
+    ident = teacher_identity_from_config(cfg)
     out = []
     cached_name = _manifest_name(manifest)
     if cached_name not in _teacher_names(ident["name"]):
@@ -239,7 +239,7 @@ def open_teacher_cache(cfg: Config, run_dir: Path, name: str, index: PairIndex):
         changes = cache_changes(Manifest.load(out), cfg, index, name)
         if changes:
             raise StaleOutputError(_stop_message(run_dir, {"teach": changes}, {"teach"}, cfg))
-    t = teacher_identity(cfg)
+    t = teacher_identity_from_config(cfg)
     # the config-derived fields once more through the cache's own check (which also verifies the shards)
     expect = {k: t[k] for k in ("precision", "pooling", "max_length", "prompt")}
     expect.update(captions_sha256=captions_sha256(index.captions), count=len(index.pairs))
