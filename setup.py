@@ -6,11 +6,13 @@ setup(
     version="0.1.0",
     description="Knowledge-CLIP trainer: CLIP distilled from an 8-bit LLM teacher, fused Triton losses, DeepSpeed ZeRO",
     python_requires=">=3.10",
-    packages=["kclip", "kclip.eval", "kclip.kernels"],
+    packages=["kclip", "kclip.eval", "kclip.kernels", "kclip.configs"],
     # kernels/ is installed as kclip.kernels, never as a top-level `kernels` (a Hugging Face package of that
-    # name is probed by transformers and bitsandbytes at import time).
-    package_dir={"kclip.kernels": "kernels"},
-    package_data={"kclip": ["model_configs/*.json", "presets/*.yaml"]},
+    # name is probed by transformers and bitsandbytes at import time). configs/ (the YAML presets and the
+    # DeepSpeed JSONs) stays at the top of the repository and is installed as kclip.configs, where
+    # kclip.config finds it through importlib.resources, installed or not.
+    package_dir={"kclip.kernels": "kernels", "kclip.configs": "configs"},
+    package_data={"kclip": ["model_configs/*.json"], "kclip.configs": ["*.yaml", "ds/*.json"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",

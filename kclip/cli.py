@@ -1,7 +1,10 @@
-"""Command line: ``kclip run|teach|concepts|train|eval|bench`` (and ``deepspeed train.py``, which is ``run``).
+"""Command line: ``kclip run|teach|concepts|train|eval|config|bench`` (and ``deepspeed train.py``, which is ``run``).
 
-Every command takes ``--config FILE`` and ``key.sub=value`` overrides; without ``--config`` the embedded
-default (configs/tiny.yaml, the defaults of kclip.config.Config) is used.
+Every command takes ``--config FILE|PRESET`` (``tiny``, ``paper``, or a YAML path) and ``key.sub=value``
+overrides; without ``--config`` the embedded default (configs/tiny.yaml, the defaults of
+kclip.config.Config) is used. ``kclip config`` prints the resolved config and runs nothing.
+``--rebuild STAGE[,STAGE]`` (or ``all``) discards and rebuilds those stages and what depends on them
+(see kclip.pipeline for which changed inputs rebuild by themselves and which stop and ask).
 """
 from __future__ import annotations
 
@@ -21,9 +24,14 @@ COMMANDS = {
 def build_parser(prog: str = "kclip", with_command: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Knowledge-CLIP trainer: teach -> concepts -> train -> eval")
     if with_command:
-        p.add_argument("command", choices=sorted(COMMANDS) + ["bench"],
-                       help="run = every stage whose output is missing; or one stage alone; bench NAME runs a benchmark")
-    p.add_argument("--config", default=None, help="YAML config (default: the embedded tiny config)")
+        p.add_argument("command", choices=sorted(COMMANDS) + ["bench", "config"],
+                       help="run = every stage that is not up to date; or one stage alone; config = print the "
+                            "resolved config; bench NAME runs a benchmark")
+    p.add_argument("--config", default=None,
+                   help="a preset (tiny, paper) or a YAML file (default: the embedded tiny config)")
+    p.add_argument("--rebuild", action="append", default=[], metavar="STAGES",
+                   help="discard and rebuild these stages (comma list of teach,concepts,train,eval, or all) and "
+                        "every stage after them; needed when an expensive stage's inputs changed")
     p.add_argument("--resume", dest="resume", action="store_true", default=True,
                    help="continue training from the latest checkpoint in run_dir (the default)")
     p.add_argument("--no-resume", dest="resume", action="store_false",
@@ -39,21 +47,41 @@ def build_parser(prog: str = "kclip", with_command: bool = True) -> argparse.Arg
     return p
 
 
-def run_from_args(args, stages) -> dict:
+def config_from_args(args):
+    """The resolved Config of ``--config`` + overrides; a config error exits 2 with a message naming the key."""
     from kclip.config import ConfigError, load_config
-    from kclip.pipeline import run
 
-    if args.local_rank is not None:
-        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     overrides = list(args.overrides)
     if args.deepspeed_config:
         overrides.append(f"train.deepspeed_config={args.deepspeed_config}")
     try:
-        cfg = load_config(args.config, overrides)
+        return load_config(args.config, overrides)
     except ConfigError as exc:
         print(f"kclip: config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    return run(cfg, stages=stages, resume=args.resume, progress=args.progress, stop_after=args.stop_after)
+
+
+def run_from_args(args, stages) -> dict:
+    from kclip import pipeline
+
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    cfg = config_from_args(args)
+    try:
+        names = pipeline.rebuild_names(args.rebuild, stages)
+    except ValueError as exc:
+        print(f"kclip: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if names - set(stages):
+        print(f"kclip: --rebuild {','.join(sorted(names - set(stages)))} is not a stage of this command "
+              f"({', '.join(stages)}); use `kclip run --rebuild ...`", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        return pipeline.run(cfg, stages=stages, resume=args.resume, progress=args.progress,
+                            stop_after=args.stop_after, rebuild=args.rebuild)
+    except (pipeline.StaleOutputError, pipeline.MissingInputError) as exc:
+        print(f"kclip: {exc}", file=sys.stderr)
+        raise SystemExit(3) from None
 
 
 def main(argv=None) -> int:
@@ -61,6 +89,10 @@ def main(argv=None) -> int:
     if argv[:1] == ["bench"]:
         return bench_main(argv[1:])
     args = build_parser().parse_intermixed_args(argv)
+    if args.command == "config":
+        from kclip.config import to_yaml
+        print(to_yaml(config_from_args(args)), end="")
+        return 0
     run_from_args(args, COMMANDS[args.command])
     return 0
 

@@ -3,6 +3,11 @@
 The defaults of :class:`Config` *are* the embedded default (``configs/tiny.yaml`` spells out the same
 values; a test keeps the two equal). Unknown keys and wrong types are errors that name the key; the
 resolved config is saved into the run directory by the pipeline.
+
+Presets and DeepSpeed configs ship inside the package: the repository's ``configs/`` folder is installed as
+``kclip.configs`` (setup.py ``package_dir``) and read through ``importlib.resources``, so ``--config paper``
+and ``train.zero_stage`` resolve the same way from a checkout, an editable install and a wheel, whatever
+the working directory. A path that exists is always taken as given first.
 """
 from __future__ import annotations
 
@@ -12,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
+# The checkout, for what is not installed (bench/); configs come from the package, see find_config_file.
 REPO_ROOT = Path(__file__).resolve().parent.parent
+PRESETS_PACKAGE = "kclip.configs"
 
 
 class ConfigError(ValueError):
@@ -154,7 +161,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     precision: str = "fp32"            # fp32 | bf16 | fp16
     zero_stage: int = 2
-    deepspeed_config: str = ""         # "" -> configs/ds/zero{zero_stage}.json
+    deepspeed_config: str = ""         # "" -> the packaged ds/zero{zero_stage}.json; or a JSON path
     log_every: int = 10
     checkpoint_every: int = 100        # steps; the last step always checkpoints
     keep_checkpoints: int = 2
@@ -196,8 +203,90 @@ def _omegaconf_error(exc: Exception, source: str) -> ConfigError:
     return ConfigError(f"{source}: {msg}{where}. Check the key's spelling and type against kclip/config.py.")
 
 
+def _packaged_configs():
+    """The installed ``kclip.configs`` folder (an ``importlib.resources`` Traversable).
+
+    An editable install made before configs/ was packaged (or kclip imported from a checkout on PYTHONPATH)
+    has no ``kclip.configs``: then the checkout's configs/ folder is used; ``pip install -e .`` again fixes it.
+    """
+    from importlib.resources import files
+
+    try:
+        return files(PRESETS_PACKAGE)
+    except ModuleNotFoundError:
+        if (REPO_ROOT / "configs").is_dir():
+            return REPO_ROOT / "configs"
+        raise
+
+
+def preset_names() -> list[str]:
+    """The YAML presets shipped with kclip, by name (``tiny``, ``paper``)."""
+    return sorted(p.name[:-len(".yaml")] for p in _packaged_configs().iterdir() if p.name.endswith(".yaml"))
+
+
+def _packaged(rel: str):
+    """The packaged file ``rel`` (e.g. ``paper.yaml``, ``ds/zero2.json``), or None."""
+    node = _packaged_configs()
+    for part in rel.split("/"):
+        node = node / part
+    return node if node.is_file() else None
+
+
+def find_config_file(name_or_path: str | Path):
+    """A YAML config: a file that exists as given, else a packaged preset by name.
+
+    ``tiny``, ``paper``, ``paper.yaml`` and ``configs/paper.yaml`` (the repository path, from any working
+    directory) all name the packaged preset.
+
+    Returns:
+        a ``Path`` or an ``importlib.resources`` Traversable (both have ``read_text`` and ``name``).
+
+    Raises:
+        ConfigError: neither a file nor a preset; the message lists the presets.
+    """
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    rel = p.as_posix()
+    for prefix in ("./", "configs/"):
+        if rel.startswith(prefix):
+            rel = rel[len(prefix):]
+    if "/" not in rel:
+        found = _packaged(rel if rel.endswith((".yaml", ".yml")) else rel + ".yaml")
+        if found is not None:
+            return found
+    raise ConfigError(f"config file {name_or_path} does not exist and is not a kclip preset; presets: "
+                      f"{', '.join(preset_names())} (e.g. --config paper), or give the path of a YAML file")
+
+
+def find_deepspeed_file(name_or_path: str | Path):
+    """A DeepSpeed JSON: a file that exists as given, else a packaged one (``zero2``, ``zero2.json``,
+    ``ds/zero2.json`` or ``configs/ds/zero2.json``).
+
+    Raises:
+        ConfigError: neither; the message lists the packaged ones.
+    """
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    rel = p.as_posix()
+    for prefix in ("./", "configs/", "ds/"):  # applied in turn: ./configs/ds/zero2.json -> zero2.json
+        if rel.startswith(prefix):
+            rel = rel[len(prefix):]
+    if "/" not in rel:
+        found = _packaged("ds/" + (rel if rel.endswith(".json") else rel + ".json"))
+        if found is not None:
+            return found
+    shipped = sorted(f.name for f in (_packaged_configs() / "ds").iterdir() if f.name.endswith(".json"))
+    raise ConfigError(f"DeepSpeed config {name_or_path} does not exist (train.deepspeed_config / train.zero_stage); "
+                      f"kclip ships {', '.join(shipped)}")
+
+
 def load_config(path: str | Path | None = None, overrides: Optional[List[str]] = None) -> Config:
     """Build a :class:`Config` from the defaults, an optional YAML file and ``a.b=value`` overrides.
+
+    Args:
+        path: a YAML file, or a preset name (``tiny``, ``paper``; see :func:`find_config_file`).
 
     Raises:
         ConfigError: unknown key, wrong type, bad value, or an override without ``=``; the message names
@@ -208,16 +297,16 @@ def load_config(path: str | Path | None = None, overrides: Optional[List[str]] =
 
     merged = OmegaConf.structured(Config)
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist (presets live in configs/, e.g. configs/tiny.yaml)")
+        source = find_config_file(path)
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, OmegaConf.create(source.read_text(encoding="utf-8")))
         except OmegaConfBaseException as exc:
-            raise _omegaconf_error(exc, str(path)) from None
+            raise _omegaconf_error(exc, str(source)) from None
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value (e.g. train.epochs=2)")
+        if item.endswith("="):  # `model.pretrained=''` reaches us as `model.pretrained=`: the empty string, not null
+            item += "''"
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as exc:
@@ -237,15 +326,6 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def resolve_path(path: str | Path) -> Path:
-    """A path as given if it exists, else relative to the kclip checkout (for configs/ shipped with it)."""
-    p = Path(path)
-    if p.exists() or p.is_absolute():
-        return p
-    alt = REPO_ROOT / p
-    return alt if alt.exists() else p
-
-
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
     """The DeepSpeed config: the JSON file for the ZeRO stage with batch, precision and clipping from YAML.
 
@@ -253,11 +333,9 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     a concrete value there that disagrees with the YAML is an error naming both.
     """
     t = cfg.train
-    path = resolve_path(t.deepspeed_config or f"configs/ds/zero{t.zero_stage}.json")
-    if not path.is_file():
-        raise ConfigError(f"DeepSpeed config {path} does not exist (train.deepspeed_config / train.zero_stage)")
+    path = find_deepspeed_file(t.deepspeed_config or f"zero{t.zero_stage}.json")
     try:
-        ds = json.loads(path.read_text())
+        ds = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {exc}") from None
     fill = {

@@ -91,34 +91,59 @@ def expand_shards(pattern: str) -> list[Path]:
     return paths
 
 
+def _delimiter(path: Path) -> str:
+    return "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
+
+
 def read_table(path: Path, image_column: str, caption_column: str, uid_column: str, bad: _BadSamples) -> list[Pair]:
-    """Rows of a CSV/TSV pairs file; image paths resolved relative to the file."""
+    """Rows of a CSV/TSV pairs file as users save them; image paths resolved relative to the file.
+
+    Read as UTF-8 with an optional byte-order mark (spreadsheets write one on "CSV UTF-8" export) and any
+    line ends (LF, CRLF; the csv module handles them with ``newline=""``); header names are stripped of
+    surrounding spaces. A configured column that is missing is an error listing the columns found.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"pairs file {path} does not exist (config key data.train / data.val)")
-    delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
     pairs = []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        columns = reader.fieldnames or []
-        for key, col in (("data.image_column", image_column), ("data.caption_column", caption_column),
-                         ("data.uid_column", uid_column)):
-            if col and col not in columns:
-                raise BadSampleError(f"{path}: no column {col!r} (config key {key}); the file has columns "
-                                     f"{columns}. Set {key} to one of them.")
-        for row_number, row in enumerate(reader, start=2):  # row 1 is the header
-            where = f"{path}:{row_number}"
-            caption = (row.get(caption_column) or "").strip()
-            image = (row.get(image_column) or "").strip()
-            uid = (row.get(uid_column) or "").strip() if uid_column else f"{path.stem}:{row_number}"
-            if not caption:
-                bad.bad(where, "empty caption", f"empty caption in column {caption_column!r}")
-                continue
-            if not image:
-                bad.bad(where, "missing image", f"empty image path in column {image_column!r}")
-                continue
-            image_path = Path(image) if Path(image).is_absolute() else path.parent / image
-            pairs.append(Pair(uid=uid, caption=caption, image=str(image_path), where=where))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f, delimiter=_delimiter(path))
+            if reader.fieldnames is None:
+                raise BadSampleError(f"{path}: the file is empty; it needs a header row naming the image and "
+                                     f"caption columns (data.image_column, data.caption_column)")
+            reader.fieldnames = [(c or "").strip() for c in reader.fieldnames]
+            _check_columns(path, reader.fieldnames, image_column, caption_column, uid_column)
+            for row_number, row in enumerate(reader, start=2):  # row 1 is the header
+                where = f"{path}:{row_number}"
+                caption = (row.get(caption_column) or "").strip()
+                image = (row.get(image_column) or "").strip()
+                uid = (row.get(uid_column) or "").strip() if uid_column else f"{path.stem}:{row_number}"
+                if not caption:
+                    bad.bad(where, "empty caption", f"empty caption in column {caption_column!r}")
+                    continue
+                if not image:
+                    bad.bad(where, "missing image", f"empty image path in column {image_column!r}")
+                    continue
+                image_path = Path(image) if Path(image).is_absolute() else path.parent / image
+                pairs.append(Pair(uid=uid, caption=caption, image=str(image_path), where=where))
+    except UnicodeDecodeError as exc:
+        raise BadSampleError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the file as "
+                             "UTF-8 (spreadsheets: \"CSV UTF-8\") and run again") from None
     return pairs
+
+
+def _check_columns(path: Path, columns: list[str], image_column: str, caption_column: str, uid_column: str) -> None:
+    """Every configured column must be in the header; the error lists the columns found and close matches."""
+    import difflib
+
+    for key, col in (("data.image_column", image_column), ("data.caption_column", caption_column),
+                     ("data.uid_column", uid_column)):
+        if col and col not in columns:
+            close = difflib.get_close_matches(col, columns, n=1, cutoff=0.5) or \
+                [c for c in columns if c.lower() == col.lower()]
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise BadSampleError(f"{path}: no column {col!r} (config key {key}); the file has columns "
+                                 f"{columns}{hint}. Set {key}=<one of them>.")
 
 
 def read_shard(path: Path, bad: _BadSamples) -> list[Pair]:

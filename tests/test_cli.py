@@ -39,7 +39,44 @@ def test_train_py_takes_deepspeed_flags_and_overrides(captured, monkeypatch):
 def test_single_stage_commands(captured):
     cli.main(["concepts", "concepts.k=7", "--stop-after", "3"])
     cfg, kw = captured[0]
-    assert kw["stages"] == ("concepts",) and cfg.concepts.k == 7 and kw["stop_after"] == 3
+    assert kw["stages"] == ("concepts",) and cfg.concepts.k == 7 and kw["stop_after"] == 3 and kw["rebuild"] == []
+
+
+def test_rebuild_and_presets_by_name(captured):
+    cli.main(["run", "--config", "paper", "--rebuild", "teach,concepts", "--rebuild", "eval", "model.name=kclip-tiny"])
+    cfg, kw = captured[0]
+    assert kw["rebuild"] == ["teach,concepts", "eval"] and cfg.teacher.name == "meta-llama/Llama-2-7b-hf"
+    assert cfg.model.name == "kclip-tiny"
+
+
+def test_config_command_prints_the_resolved_config(captured, capsys):
+    assert cli.main(["config", "--config", "paper", "train.epochs=3", "model.pretrained="]) == 0
+    out = capsys.readouterr().out
+    assert "epochs: 3" in out and "Llama-2-7b-hf" in out and "pretrained: ''" in out and not captured
+
+
+def test_stale_output_exits_3_with_the_message(monkeypatch, capsys):
+    def stop(cfg, **kw):
+        raise kclip.pipeline.StaleOutputError("stopped: teacher.pooling: 'mean' -> 'last' ... --rebuild teach")
+    monkeypatch.setattr(kclip.pipeline, "run", stop)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", "teacher.pooling=last"])
+    assert e.value.code == 3 and "--rebuild teach" in capsys.readouterr().err
+
+
+def test_rebuild_of_a_stage_not_run_exits_2(captured, capsys):
+    for argv, needle in ((["train", "--rebuild", "teach"], "--rebuild teach is not a stage of this command"),
+                         (["run", "--rebuild", "concept"], "stages are teach, concepts, train, eval")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 2 and needle in capsys.readouterr().err and not captured
+
+
+def test_unknown_rebuild_stage_is_an_error():
+    from kclip.pipeline import rebuild_names
+    assert rebuild_names(["teach,concepts", "all"], ("train", "eval")) == {"teach", "concepts", "train", "eval"}
+    with pytest.raises(ValueError, match="--rebuild 'concept'"):
+        rebuild_names(["concept"])
 
 
 def test_config_error_exits_2_naming_the_key(captured, capsys):

@@ -1,17 +1,35 @@
-"""Config: the embedded default equals configs/tiny.yaml; errors name the key; DeepSpeed JSON filled from YAML."""
+"""Config: the embedded default equals configs/tiny.yaml; errors name the key; DeepSpeed JSON filled from YAML;
+presets and DeepSpeed JSONs found through the package from any working directory."""
 import json
 
 import pytest
 
-from kclip.config import Config, ConfigError, REPO_ROOT, deepspeed_config, load_config, to_dict
+from kclip.config import (Config, ConfigError, REPO_ROOT, deepspeed_config, find_config_file, find_deepspeed_file,
+                          load_config, preset_names, to_dict)
 
 
 def test_tiny_yaml_is_the_embedded_default():
     assert to_dict(load_config(REPO_ROOT / "configs" / "tiny.yaml")) == to_dict(Config())
+    assert to_dict(load_config("tiny")) == to_dict(Config())
+
+
+def test_presets_resolve_by_name_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert {"tiny", "paper"} <= set(preset_names())
+    for name in ("paper", "paper.yaml", "configs/paper.yaml"):
+        assert find_config_file(name).read_text() == (REPO_ROOT / "configs" / "paper.yaml").read_text()
+    for name in ("zero3", "zero3.json", "configs/ds/zero3.json", "ds/zero3.json"):
+        assert json.loads(find_deepspeed_file(name).read_text())["zero_optimization"]["stage"] == 3
+    (tmp_path / "paper.yaml").write_text("seed: 7\n")  # a file that exists wins over the preset
+    assert load_config("paper.yaml").seed == 7 and load_config("paper").seed == 0
+    with pytest.raises(ConfigError, match="not a kclip preset; presets: .*paper.*tiny"):
+        load_config("papper")
+    with pytest.raises(ConfigError, match="kclip ships zero1.json, zero2.json, zero3.json"):
+        deepspeed_config(load_config(None, ["train.deepspeed_config=zero4"]), world_size=1)
 
 
 def test_paper_preset_matches_the_paper():
-    cfg = load_config(REPO_ROOT / "configs" / "paper.yaml")
+    cfg = load_config("paper")
     assert cfg.teacher.name == "meta-llama/Llama-2-7b-hf" and cfg.teacher.precision == "int8"
     assert cfg.model.name == "ViT-B-32" and cfg.model.pretrained == "openai"
     assert (cfg.loss.alpha, cfg.loss.beta, cfg.loss.gamma) == (1.0, 0.01, 1.0)
@@ -22,6 +40,8 @@ def test_paper_preset_matches_the_paper():
 def test_overrides_apply_with_types():
     cfg = load_config(None, ["train.epochs=3", "loss.beta=0.5", "teacher.precision=bf16"])
     assert cfg.train.epochs == 3 and cfg.loss.beta == 0.5 and cfg.teacher.precision == "bf16"
+    # `model.pretrained=''` in a shell arrives as `model.pretrained=`: the empty string
+    assert load_config("paper", ["model.pretrained=", "teacher.prompt=''"]).model.pretrained == ""
 
 
 @pytest.mark.parametrize("override, needle", [

@@ -64,6 +64,39 @@ def test_missing_column_names_file_column_and_key(pairs_dir):
     assert "p.csv" in msg and "'image'" in msg and "data.image_column" in msg and "filepath" in msg
 
 
+@pytest.mark.parametrize("name, delimiter", [("p.csv", ","), ("p.tsv", "\t")])
+def test_byte_order_mark_and_crlf_as_spreadsheets_save_them(pairs_dir, name, delimiter):
+    """Excel's "CSV UTF-8" export: a UTF-8 byte-order mark before the header and CRLF line ends."""
+    text = delimiter.join(["image", "caption", "uid"]) + "\r\n" + \
+        delimiter.join(["img/0.png", '"a café, by night"', "u0"]) + "\r\n" + \
+        delimiter.join(["img/1.png", '"a quoted ""word"""', "u1"]) + "\r\n"
+    (pairs_dir / name).write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    idx = build_index("csv", str(pairs_dir / name), uid_column="uid", progress=False)
+    assert [p.uid for p in idx.pairs] == ["u0", "u1"]
+    assert idx.pairs[1].caption == 'a quoted "word"'
+    assert idx.pairs[0].caption == "a café, by night"
+    assert idx.pairs[0].image.endswith("0.png") and idx.skipped == {}
+
+
+def test_missing_column_lists_the_columns_found_and_a_close_match(pairs_dir):
+    (pairs_dir / "p.csv").write_bytes(b"\xef\xbb\xbfImage , caption\r\nimg/0.png,x\r\n")
+    with pytest.raises(BadSampleError) as e:
+        build_index("csv", str(pairs_dir / "p.csv"), progress=False)
+    msg = str(e.value)
+    assert "no column 'image'" in msg and "['Image', 'caption']" in msg and "did you mean 'Image'" in msg
+    assert "data.image_column" in msg
+    assert build_index("csv", str(pairs_dir / "p.csv"), image_column="Image", progress=False).captions == ["x"]
+
+
+def test_not_utf8_and_empty_files_are_named(pairs_dir):
+    (pairs_dir / "p.csv").write_bytes("image,caption\nimg/0.png,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(BadSampleError, match="p.csv: not UTF-8.*CSV UTF-8"):
+        build_index("csv", str(pairs_dir / "p.csv"), progress=False)
+    (pairs_dir / "e.csv").write_bytes(b"")
+    with pytest.raises(BadSampleError, match="e.csv: the file is empty"):
+        build_index("csv", str(pairs_dir / "e.csv"), progress=False)
+
+
 @pytest.mark.parametrize("row, needle", [
     (("img/missing.png", "fine caption"), "missing image"),
     (("img/corrupt.png", "fine caption"), "corrupt image"),

@@ -39,14 +39,17 @@ def evaluated(tmp_path_factory):
                           text_em_steps=20, progress=False)
     finally:
         mp.undo()
-    return report, out
+    return report, out, data
 
 
 def test_report_files_and_keys(evaluated):
-    report, out = evaluated
+    report, out, _ = evaluated
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md", "report.png"]  # no temp files left
     on_disk = json.loads((out / "report.json").read_text())  # strict JSON (no NaN)
-    assert set(on_disk) == {"models", "teacher", "baselines", "chance", "concepts", "provenance"}
+    assert set(on_disk) == {"models", "teacher", "baselines", "chance", "concepts", "evaluations", "provenance"}
+    assert all(e["ran"] for name, e in on_disk["evaluations"].items() if name != "cub")
+    assert on_disk["evaluations"]["cub"] == {"ran": False, "why": on_disk["evaluations"]["cub"]["why"]}
+    assert "eval.cub_root not set" in on_disk["evaluations"]["cub"]["why"]
     for name in ("before", "after"):
         m = on_disk["models"][name]
         for key in ("text_em", "text_token_acc", "attribute_top1", "attribute_top5", "attribute_heldout_top1",
@@ -61,7 +64,7 @@ def test_report_files_and_keys(evaluated):
 
 
 def test_oracle_beats_random(evaluated):
-    report, _ = evaluated
+    report, _, _ = evaluated
     after, before = report["models"]["after"], report["models"]["before"]
     assert after["attribute_top1"] == 100.0 and after["attribute_heldout_top1"] == 100.0
     assert after["awa2"]["top1"] == 100.0
@@ -75,7 +78,7 @@ def test_oracle_beats_random(evaluated):
 
 
 def test_markdown_and_terminal_table(evaluated):
-    report, out = evaluated
+    report, out, _ = evaluated
     md = (out / "report.md").read_text()
     header = next(l for l in md.splitlines() if l.startswith("| metric"))
     assert header == "| metric | before | after | teacher | text-only | chance | after − before |"
@@ -101,8 +104,69 @@ def test_table_without_before_after_lists_all_models():
 
 
 def test_concept_labels_must_align(evaluated, tmp_path):
-    report, _ = evaluated
-    data = report["provenance"]["data_dir"]
+    _, _, data = evaluated
     with pytest.raises(ValueError, match="align with train.csv"):
         run_eval({"m": HashRandom()}, data, tmp_path, concept_labels=np.zeros(7, dtype=int), text_em_steps=1,
                  progress=False)
+
+
+def _pairs_like_a_user(data, tmp_path):
+    """The synthetic val/train images as user data: a CSV (BOM, CRLF) and webdataset shards; no meta.json."""
+    import csv
+    import io
+    import webdataset as wds
+
+    from kclip.data import build_index
+
+    val, train = read_split(data, "val"), read_split(data, "train")
+    out = {}
+    for name, split in (("val", val), ("train", train)):
+        rows = [("image", "caption")] + [(str(split.image_paths[j]), c) for c, j in zip(split.captions, split.text_to_image)]
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\r\n").writerows(rows)
+        (tmp_path / f"{name}.csv").write_bytes(b"\xef\xbb\xbf" + buf.getvalue().encode())
+        out[name] = build_index("csv", str(tmp_path / f"{name}.csv"), progress=False)
+    with wds.TarWriter(str(tmp_path / "val-000.tar")) as sink:  # one sample per image, its first caption
+        for j, path in enumerate(val.image_paths):
+            sink.write({"__key__": f"k{j:04d}", "png": path.read_bytes(), "txt": val.captions[val.text_to_image.index(j)]})
+    out["val_wds"] = build_index("wds", str(tmp_path / "val-000.tar"), progress=False)
+    return out, val
+
+
+def test_any_source_gets_retrieval_and_text_em_and_says_what_did_not_run(evaluated, tmp_path):
+    """CSV or webdataset pairs (no synthetic ground truth): retrieval, caption retrieval, the EM probe and the
+    concept sizes run; attribute zero-shot, hard negatives and NMI do not, and the report says why."""
+    from kclip.eval.run import index_eval_data
+
+    report_synth, _, data = evaluated
+    idx, val = _pairs_like_a_user(data, tmp_path)
+    for val_index in (idx["val"], idx["val_wds"]):
+        wds = val_index is idx["val_wds"]
+        eval_data = index_eval_data(val_index, idx["train"], description="user pairs")
+        assert len(eval_data.val.images) == len(val.image_paths)
+        assert eval_data.val.text_to_image == (list(range(len(val.image_paths))) if wds else val.text_to_image)
+        labels = np.arange(len(idx["train"].pairs)) % 5
+        report = run_eval({"before": HashRandom(name="rand"), "after": SceneOracle(val)}, eval_data, tmp_path / "r",
+                          teacher=TextOnly(), concept_labels=labels, concept_k=5, batch_size=16, text_em_steps=20,
+                          progress=False)
+        after, before = report["models"]["after"], report["models"]["before"]
+        if not wds:  # the same pairs, grouped the same way: the synthetic report's numbers
+            assert after["retrieval"] == report_synth["models"]["after"]["retrieval"]
+            assert after["caption_retrieval"] == report_synth["models"]["after"]["caption_retrieval"]
+            assert report["chance"]["retrieval"] == report_synth["chance"]["retrieval"]
+        else:  # images read from the shard by byte range; one caption per image: no caption retrieval
+            assert after["retrieval"]["t2i_r5"] > before["retrieval"]["t2i_r5"]
+            assert "caption_retrieval" not in after and "two or more" in report["evaluations"]["caption_retrieval"]["why"]
+        assert "text_em" in after and "text_em" in report["teacher"]
+        for key in ("attribute_top1", "compositional", "cub", "awa2"):
+            assert key not in after
+        ev = report["evaluations"]
+        assert ev["retrieval"]["ran"] and ev["text_em"]["ran"] and ev["caption_retrieval"]["ran"] != wds
+        for name in ("attribute_zeroshot", "compositional"):
+            assert not ev[name]["ran"] and "synthetic" in ev[name]["why"]
+        assert "eval.cub_root not set" in ev["cub"]["why"] and "eval.awa2_root not set" in ev["awa2"]["why"]
+        assert report["concepts"]["nmi"] == {} and report["concepts"]["k"] == 5
+        md = (tmp_path / "r" / "report.md").read_text()
+        assert "| attribute_zeroshot | no | needs the built-in synthetic set's ground truth" in md
+        assert "| cub | no | eval.cub_root not set" in md and "Data: user pairs" in md
+        assert "hard neg." not in md and "| attribute | NMI |" not in md

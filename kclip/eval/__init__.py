@@ -1,4 +1,5 @@
-"""Evaluation suite: the paper's tables on the embedded synthetic set (and CUB/AWA2 when given).
+"""Evaluation suite: the paper's tables on any data source (retrieval and the text probe on the validation pairs;
+CUB/AWA2 when given; attribute zero-shot, hard negatives and concept NMI on the synthetic set, which has ground truth).
 
 Modules (each one public function + docstring; deterministic given the seed):
 

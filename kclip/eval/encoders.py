@@ -55,12 +55,16 @@ def _check(out, n: int, what: str, encoder) -> torch.Tensor:
 
 
 def load_image(item: ImageLike):
-    """A PIL RGB image from a path or an already-open image."""
+    """A PIL RGB image from a path, a ``kclip.data.Pair`` (a file or a webdataset shard member), or an
+    already-open image."""
     from PIL import Image
 
     if isinstance(item, (str, Path)):
         with Image.open(item) as im:
             return im.convert("RGB")
+    if hasattr(item, "member_offset"):  # a kclip.data.Pair: eval reads shard members by byte range
+        from kclip.data import open_image
+        return open_image(item)
     return item
 
 

@@ -5,7 +5,8 @@ crash never leaves half a report. JSON is strict: NaN becomes ``null``.
 
 The markdown table has one row per metric and one column per model, then (where it applies) the
 teacher (text-only metrics), the text-only bigram baseline (compositional rows), the chance level, and
-``after - before`` when models named "before" and "after" are both present.
+``after - before`` when models named "before" and "after" are both present. An "Evaluations" section
+lists every evaluation with what it ran on, or why it did not run (``report["evaluations"]``).
 """
 from __future__ import annotations
 
@@ -136,7 +137,7 @@ def render_markdown(report: Mapping) -> str:
             if any(_cell(report, c, k) is not None for c in models + ["teacher"])]
     lines = ["# kclip evaluation report", ""]
     prov = report.get("provenance", {})
-    lines.append(f"Data: `{prov.get('data_dir', '?')}` ({prov.get('n_val_images', '?')} val images, "
+    lines.append(f"Data: {prov.get('data') or prov.get('data_dir') or '?'} ({prov.get('n_val_images', '?')} val images, "
                  f"{prov.get('n_val_captions', '?')} val captions, {prov.get('n_train_captions', '?')} train captions); "
                  f"seed {prov.get('seed', '?')}; text-EM probe {prov.get('text_em_steps', '?')} steps. "
                  "All numbers are percentages.")
@@ -149,20 +150,32 @@ def render_markdown(report: Mapping) -> str:
     lines += ["", "Columns: *teacher* = the LLM teacher's caption embeddings (text-only metrics); *text-only* = a "
               "bigram language model fit on the training captions that never sees the image (hard-negative rows: "
               "if a model is not clearly above it, it is not using the image); *chance* = a random ranking.", ""]
+    lines += render_evaluations(report)
     concepts = report.get("concepts")
     if concepts:
-        lines += ["## Concepts (k-means labels vs true attributes)", "",
+        lines += ["## Concepts (k-means labels" + (" vs true attributes)" if concepts.get("nmi") else ")"), "",
                   f"{concepts['n']} {concepts.get('split', '')} captions, k = {concepts['k']}, "
                   f"{concepts['n_empty']} empty clusters, sizes {concepts['size_min']}–{concepts['size_max']} "
                   f"(mean {concepts['size_mean']:.1f}, std {concepts['size_std']:.1f}), largest cluster "
                   f"{100 * concepts['largest_fraction']:.1f}% of captions, size entropy / log k = "
-                  f"{concepts['size_entropy_ratio']:.2f}.", "",
-                  "| attribute | NMI |", "|---|---:|"]
-        lines += [f"| {k} | {v:.3f} |" for k, v in concepts["nmi"].items()]
-        lines.append("")
+                  f"{concepts['size_entropy_ratio']:.2f}.", ""]
+        if concepts.get("nmi"):  # only data with ground truth (the synthetic set) has attributes to compare with
+            lines += ["| attribute | NMI |", "|---|---:|"]
+            lines += [f"| {k} | {v:.3f} |" for k, v in concepts["nmi"].items()] + [""]
     if prov:
         lines += ["## Provenance", "", "```json", json.dumps(_clean(prov), indent=2), "```", ""]
     return "\n".join(lines)
+
+
+def render_evaluations(report: Mapping) -> list[str]:
+    """Markdown lines: which evaluations ran (on what) and which did not (why)."""
+    evaluations = report.get("evaluations")
+    if not evaluations:
+        return []
+    lines = ["## Evaluations", "", "| evaluation | ran | on / why not |", "|---|---|---|"]
+    for name, e in evaluations.items():
+        lines.append(f"| {name} | {'yes' if e.get('ran') else 'no'} | {e.get('on') if e.get('ran') else e.get('why')} |")
+    return lines + [""]
 
 
 def format_table(report: Mapping, keys: list[str] | None = None) -> str:
