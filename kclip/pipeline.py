@@ -548,7 +548,7 @@ def stage_eval(ctx: StageContext) -> dict | None:
     from kclip.eval.run import index_eval_data, run_eval
     from kclip.eval.run_encoders import CachedTeacherTexts
     from kclip.model import ClipEncoders, build_clip
-    from kclip.trainer import STUDENT_FILE
+    from kclip.trainer import STUDENT_FILE, TRAIN_DONE
 
     cfg, dist, run_dir = ctx.cfg, ctx.dist, ctx.run_dir
     out = run_dir / "eval"
@@ -567,10 +567,15 @@ def stage_eval(ctx: StageContext) -> dict | None:
         data = index_eval_data(ctx.splits["val"], ctx.splits["train"], synthetic_dir=synthetic,
                                description=f"{cfg.data.source} pairs: train {train_spec}, val {val_spec}")
         labels = load_concepts(run_dir / "concepts")["labels"].numpy()
+        done = run_dir / TRAIN_DONE
+        summary = json.loads(done.read_text()) if done.is_file() else {}
+        distillation = ({"r2": summary["distill_r2"], "captions": summary.get("distill_r2_captions")}
+                        if "distill_r2" in summary else None)
         report = run_eval(models, data, out, teacher=teacher, concept_labels=labels,
                           batch_size=cfg.eval.batch_size, seed=cfg.seed, progress=ctx.progress,
                           concept_k=cfg.concepts.k, cub_root=cfg.eval.cub_root or None,
-                          awa2_root=cfg.eval.awa2_root or None, text_em_steps=cfg.eval.text_em_steps)
+                          awa2_root=cfg.eval.awa2_root or None, text_em_steps=cfg.eval.text_em_steps,
+                          distillation=distillation)
         _stamp("eval", ctx, file_digest(out / "report.json"))
         print(format_table(report), flush=True)
     barrier()

@@ -46,13 +46,18 @@ def test_report_files_and_keys(evaluated):
     report, out, _ = evaluated
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md", "report.png"]  # no temp files left
     on_disk = json.loads((out / "report.json").read_text())  # strict JSON (no NaN)
-    assert set(on_disk) == {"models", "teacher", "baselines", "chance", "concepts", "evaluations", "provenance"}
+    assert set(on_disk) == {"models", "teacher", "baselines", "chance", "concepts", "evaluations", "provenance",
+                            "text_em_probe", "distillation"}
+    probe = on_disk["text_em_probe"]  # Table 1: the proof-of-concept row and both EM splits
+    assert {"text_em", "text_em_heldout"} <= set(probe["autoencoder"]) and set(probe["splits"]) == {
+        "in_distribution", "heldout"} and probe["splits"]["heldout"] == on_disk["provenance"]["n_val_captions"]
+    assert "Proof of concept" in (out / "report.md").read_text()
     assert all(e["ran"] for name, e in on_disk["evaluations"].items() if name != "cub")
     assert on_disk["evaluations"]["cub"] == {"ran": False, "why": on_disk["evaluations"]["cub"]["why"]}
     assert "eval.cub_root not set" in on_disk["evaluations"]["cub"]["why"]
     for name in ("before", "after"):
         m = on_disk["models"][name]
-        for key in ("text_em", "text_token_acc", "attribute_top1", "attribute_top5", "attribute_heldout_top1",
+        for key in ("text_em", "text_token_acc", "text_em_heldout", "attribute_top1", "attribute_top5", "attribute_heldout_top1",
                     "retrieval", "compositional", "caption_retrieval", "awa2"):
             assert key in m, (name, key)
         assert {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"} <= set(m["retrieval"])

@@ -18,8 +18,10 @@ from typing import Any, Mapping
 
 # (key path, label) of the rows of the main table, in order
 MAIN_ROWS: list[tuple[str, str]] = [
-    ("text_em", "text reconstruction EM"),
-    ("text_token_acc", "text reconstruction token acc."),
+    ("text_em", "text reconstruction EM (in-distribution)"),
+    ("text_token_acc", "text reconstruction token acc. (in-distribution)"),
+    ("text_em_heldout", "text reconstruction EM (held-out combos)"),
+    ("text_token_acc_heldout", "text reconstruction token acc. (held-out combos)"),
     ("attribute_top1", "attribute zero-shot top-1"),
     ("attribute_top5", "attribute zero-shot top-5"),
     ("attribute_heldout_top1", "held-out combos top-1"),
@@ -42,7 +44,7 @@ MAIN_ROWS: list[tuple[str, str]] = [
     ("caption_retrieval.r5", "caption->caption R@5"),
 ]
 # the short list for the terminal table and the plot
-HEADLINE = ["text_em", "attribute_top1", "attribute_heldout_top1", "retrieval.i2t_r1", "retrieval.t2i_r1",
+HEADLINE = ["text_em", "text_em_heldout", "attribute_top1", "attribute_heldout_top1", "retrieval.i2t_r1", "retrieval.t2i_r1",
             "compositional.mean", "caption_retrieval.r1"]
 _SKIP_KEYS = ("detail", "examples", "seconds", "decoder")
 
@@ -151,6 +153,7 @@ def render_markdown(report: Mapping) -> str:
               "bigram language model fit on the training captions that never sees the image (hard-negative rows: "
               "if a model is not clearly above it, it is not using the image); *chance* = a random ranking.", ""]
     lines += render_evaluations(report)
+    lines += render_probe_and_distillation(report)
     concepts = report.get("concepts")
     if concepts:
         lines += ["## Concepts (k-means labels" + (" vs true attributes)" if concepts.get("nmi") else ")"), "",
@@ -165,6 +168,30 @@ def render_markdown(report: Mapping) -> str:
     if prov:
         lines += ["## Provenance", "", "```json", json.dumps(_clean(prov), indent=2), "```", ""]
     return "\n".join(lines)
+
+
+def render_probe_and_distillation(report: Mapping) -> list[str]:
+    """Markdown lines: the text probe's proof-of-concept row, and whether the student distils (held-out R^2)."""
+    lines = []
+    probe = report.get("text_em_probe")
+    if probe:
+        ae = probe["autoencoder"]
+        held = f", held-out combos {ae['text_em_heldout']:.1f}" if "text_em_heldout" in ae else ""
+        lines += ["## Text reconstruction probe (Kamath et al.)", "",
+                  f"Proof of concept: the probe's own autoencoder (its encoder trained with the decoder, vocabulary "
+                  f"{ae['vocab_size']} words, {probe['n_fit_captions']} captions) reconstructs EM "
+                  f"{ae['text_em']:.1f} in-distribution{held}. The decoder is then frozen and each encoder above gets "
+                  f"only a linear map + LayerNorm; splits: "
+                  + ", ".join(f"{k} {n} captions" for k, n in probe["splits"].items()) + ".", ""]
+    dist = report.get("distillation")
+    if dist and dist.get("r2") is not None:
+        r2 = dist["r2"]
+        lines += ["## Distillation", "",
+                  f"R^2 of W_e(E_T(x)) against the teacher on {dist.get('captions', '?')} held-out captions: "
+                  f"**{r2:.3f}** (1 - SSE/SST; 0 = no better than predicting the mean teacher vector). "
+                  + ("The projection fits the teacher: the student distils." if r2 >= 0.1 else
+                     "The projection does NOT fit the teacher: this run did not distil."), ""]
+    return lines
 
 
 def render_evaluations(report: Mapping) -> list[str]:

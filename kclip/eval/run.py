@@ -64,11 +64,38 @@ def _zeroshot(model, dataset, batch_size: int, image_emb: torch.Tensor | None = 
     return zeroshot.zeroshot_accuracy(model, dataset, batch_size, image_emb=image_emb)
 
 
-def _text_em(encoder, train_captions, test_captions, steps: int, seed: int, batch_size: int,
-             test_emb: torch.Tensor | None, progress: bool) -> dict:
-    """The text-reconstruction probe: {"em", "token_acc", ...} on ``test_captions``."""
-    return text_em.text_em_probe(encoder, train_captions, test_captions, steps=steps, seed=seed,
-                                 embed_batch_size=batch_size, test_emb=test_emb, progress=progress)
+TEXT_EM_IN_DIST_MAX = 1000  # held-back training captions for the in-distribution EM split
+
+
+def text_em_splits(data: "EvalData", em_train: list[str], seed: int) -> tuple[list[str], dict]:
+    """(probe-fit captions, {split: captions}) for the text-reconstruction probe (Kamath et al.).
+
+    ``in_distribution``: training-distribution captions held back from the probe's fit (on real data, the
+    val captions, which come from the same distribution). ``heldout``: on the synthetic set, the val
+    captions, every one of which names a colour-shape pair never seen in training.
+    """
+    if data.synthetic is None:
+        return em_train, {"in_distribution": list(data.val.captions)}
+    n_eval = min(TEXT_EM_IN_DIST_MAX, max(1, len(set(em_train)) // 5))
+    fit, in_dist = text_em.split_captions(em_train, n_eval, seed)
+    return fit, {"in_distribution": in_dist, "heldout": list(data.val.captions)}
+
+
+def _text_em(encoders: Mapping[str, object], fit: list[str], splits: dict, steps: int, seed: int, batch_size: int,
+             progress: bool) -> dict:
+    """Table 1: one autoencoder-trained, frozen decoder; a linear map + LayerNorm per frozen encoder.
+    ``steps`` trains the autoencoder, half of it each map."""
+    return text_em.text_em_table(encoders, fit, splits, seed=seed, ae_steps=steps, map_steps=max(50, steps // 2),
+                                 embed_batch_size=batch_size, progress=progress)
+
+
+def _em_fields(row: dict) -> dict:
+    """The report fields of one encoder's probe row: EM and token accuracy per split."""
+    sp = row["splits"]
+    out = {"text_em": sp["in_distribution"]["em"], "text_token_acc": sp["in_distribution"]["token_acc"]}
+    if "heldout" in sp:
+        out.update(text_em_heldout=sp["heldout"]["em"], text_token_acc_heldout=sp["heldout"]["token_acc"])
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -222,8 +249,7 @@ def _resolve_concepts(concept_labels, data: EvalData, k: int | None) -> dict:
     return stats
 
 
-def _evaluate_model(model, data: EvalData, zs_sets: dict, items, em_train: list[str], batch_size: int, seed: int,
-                    text_em_steps: int, caption_retrieval: bool, progress: bool) -> dict:
+def _evaluate_model(model, data: EvalData, zs_sets: dict, items, batch_size: int, caption_retrieval: bool) -> dict:
     t0 = time.perf_counter()
     val = data.val
     img = encode_images(model, val.images, batch_size)                                  # (Ni, D)
@@ -240,8 +266,6 @@ def _evaluate_model(model, data: EvalData, zs_sets: dict, items, em_train: list[
     if items is not None:
         entry["compositional"] = compositional.compositional_accuracy(model, val.images, items, batch_size,
                                                                       image_emb=img)
-    em = _text_em(model, em_train, val.captions, text_em_steps, seed, batch_size, txt_raw, progress)
-    entry.update(text_em=em["em"], text_token_acc=em["token_acc"], text_em_detail=em)
     for name in ("cub", "awa2"):
         if name in zs_sets:
             entry[name] = _zeroshot(model, zs_sets[name], batch_size)
@@ -271,7 +295,10 @@ def _evaluations(data: EvalData, caption_retrieval: bool, concept_labels, cub_ro
         "retrieval": entry(True, f"{ni} val images, {nv} val captions", ""),
         "caption_retrieval": entry(caption_retrieval, "val images with 2+ captions",
                                    "no val image has two or more captions"),
-        "text_em": entry(True, f"probe trained on {len(em_train)} train captions, tested on {nv} val captions", ""),
+        "text_em": entry(True, "Kamath et al. probe: autoencoder-trained frozen decoder, a linear map + LayerNorm "
+                               f"per encoder, fitted on {len(em_train)} train captions; EM on held-back train-"
+                               "distribution captions" + (f" and on the {nv} val captions (held-out combos)"
+                                                          if data.synthetic else f" (here the {nv} val captions)"), ""),
         "teacher": entry(has_teacher, "cached teacher embeddings (text-only metrics)", "no teacher encoder given"),
         "attribute_zeroshot": entry(data.synthetic is not None, "synthetic val images, 20 colour-shape classes",
                                     needs_truth),
@@ -295,7 +322,8 @@ def _git_rev() -> str:
 def run_eval(models: Mapping[str, object], data: EvalData | str | Path, out_dir: str | Path, teacher=None,
              concept_labels=None, cub_root: str | Path | None = None, awa2_root: str | Path | None = None,
              batch_size: int = 256, seed: int = 0, text_em_steps: int = DEFAULT_TEXT_EM_STEPS, progress: bool = True,
-             concept_k: int | None = None, zeroshot_max_per_class: int | None = None) -> dict:
+             concept_k: int | None = None, zeroshot_max_per_class: int | None = None,
+             distillation: dict | None = None) -> dict:
     """Evaluate each model (and the teacher's text side) on what applies to ``data``, and write the report.
 
     Args:
@@ -311,6 +339,7 @@ def run_eval(models: Mapping[str, object], data: EvalData | str | Path, out_dir:
         cub_root, awa2_root: optional released CUB-200-2011 / AWA2 folders.
         text_em_steps: the EM probe's training budget (the same for every encoder).
         zeroshot_max_per_class: cap images per class on CUB/AWA2.
+        distillation: the training summary's held-out R^2 of W_e(E_T(x)) against the teacher, for the report.
 
     Returns:
         the report dict (also written as report.json): {"models": {name: metrics}, "teacher",
@@ -334,14 +363,20 @@ def run_eval(models: Mapping[str, object], data: EvalData | str | Path, out_dir:
 
     report: dict = {"models": {}}
     for name, model in tqdm(list(models.items()), desc="eval models", disable=not progress, leave=False):
-        report["models"][name] = _evaluate_model(model, data, zs_sets, items, em_train, batch_size, seed,
-                                                 text_em_steps, caption_retrieval, progress)
+        report["models"][name] = _evaluate_model(model, data, zs_sets, items, batch_size, caption_retrieval)
+    fit, em_splits = text_em_splits(data, em_train, seed)
+    probe = _text_em({**models, **({"teacher": teacher} if teacher is not None else {})}, fit, em_splits,
+                     text_em_steps, seed, batch_size, progress)
+    for name in models:
+        report["models"][name].update(_em_fields(probe["encoders"][name]))
+    report["text_em_probe"] = {"autoencoder": {**_em_fields(probe["autoencoder"]),
+                                               "vocab_size": probe["autoencoder"]["vocab_size"]},
+                               "n_fit_captions": len(fit), "splits": {k: len(v) for k, v in em_splits.items()},
+                               "detail": probe}
     if teacher is not None:
         t1 = time.perf_counter()
         raw = encode_texts(teacher, data.val.captions, batch_size, normalize=False)             # (Nt, D')
-        em = _text_em(teacher, em_train, data.val.captions, text_em_steps, seed, batch_size, raw, progress)
-        report["teacher"] = {"name": encoder_name(teacher, "teacher"), "text_em": em["em"],
-                             "text_token_acc": em["token_acc"], "text_em_detail": em}
+        report["teacher"] = {"name": encoder_name(teacher, "teacher"), **_em_fields(probe["encoders"]["teacher"])}
         if caption_retrieval:
             report["teacher"]["caption_retrieval"] = retrieval.caption_retrieval(
                 torch.nn.functional.normalize(raw, dim=-1), data.val.text_to_image)
@@ -354,6 +389,7 @@ def run_eval(models: Mapping[str, object], data: EvalData | str | Path, out_dir:
                                                                                           items)
     report["chance"] = chance_levels(data.val, zs_sets.get("attribute"))
     report["concepts"] = concepts
+    report["distillation"] = distillation
     report["evaluations"] = _evaluations(data, caption_retrieval, concept_labels, cub_root, awa2_root, em_train,
                                          teacher is not None)
     report["provenance"] = {
