@@ -125,12 +125,12 @@ def open_teacher_cache(cfg: Config, run_dir: Path, name: str, index: PairIndex):
     """The split's cache, refused when it was made by another teacher config or for other captions."""
     from kclip.cache import captions_sha256, open_cache
 
-    from kclip.teacher import resolve_teacher
+    from kclip.teacher import teacher_identity
 
     t = cfg.teacher
-    _, teacher_name, revision = resolve_teacher(t.name, t.revision or None)
-    expect = {"teacher": f"{teacher_name}@{revision}" if revision else teacher_name, "precision": t.precision, "pooling": t.pooling, "max_length": t.max_length,
-              "prompt": t.prompt or None, "captions_sha256": captions_sha256(index.captions), "count": len(index.pairs)}
+    ident = teacher_identity(t.name, t.revision or None, t.precision, t.pooling, t.max_length, t.prompt or None)
+    expect = {k: ident[k] for k in ("teacher", "revision", "precision", "pooling", "max_length", "prompt")}
+    expect.update(captions_sha256=captions_sha256(index.captions), count=len(index.pairs))
     cache = open_cache(teacher_cache_dir(cfg, run_dir) / name, expect=expect)
     return cache
 

