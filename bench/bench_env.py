@@ -66,7 +66,7 @@ def copy_bandwidth(nbytes: int, device: torch.device) -> dict:
 def bnb_int8(device: torch.device, dim: int = 4096, rows: int = 4096) -> dict:
     """LLM.int8() through kclip's own quantisation path, against the fp16/fp32 layer it came from."""
     try:
-        from kclip.teacher import quantize_linears
+        from kclip.quantize import quantize_linears, quiet_bnb_cast_notice
 
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         torch.manual_seed(0)
@@ -78,7 +78,7 @@ def bnb_int8(device: torch.device, dim: int = 4096, rows: int = 4096) -> dict:
         q.load_state_dict(dense.state_dict())
         q = q.to(dtype)
         quantize_linears(q, "int8", device)
-        with torch.no_grad():
+        with torch.no_grad(), quiet_bnb_cast_notice():
             got = q(x).float()
             t = time_fn(lambda: q(x), device, **({} if device.type == "cuda" else dict(warmup=1, rep=3)))
         cos = torch.nn.functional.cosine_similarity(got, want, dim=-1)

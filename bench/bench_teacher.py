@@ -11,7 +11,7 @@ What is measured (one process, one device):
 
 The model is ``LlamaModel(LlamaConfig(...))`` with random weights built directly on the device (no
 download). Every precision starts from the same seed in bf16 (fp32 on CPU) and is converted / quantised
-with ``kclip.teacher.quantize_linears`` (bitsandbytes Linear8bitLt / Linear4bit), so the cosines compare
+with ``kclip.quantize.quantize_linears`` (bitsandbytes Linear8bitLt / Linear4bit), so the cosines compare
 the same weights. Absolute numbers mean something only from a GPU.
 
     python -m bench.bench_teacher                 # GPU, Llama-2-7B shape
@@ -27,13 +27,27 @@ import numpy as np
 import torch
 
 from bench.harness import ResultsLog, is_oom, plot_vs, provenance, time_fn
-from kclip.teacher import Teacher, naive_batches, padding_efficiency, plan_batches, quantize_linears
+from kclip.quantize import quantize_linears
+from kclip.teacher import Teacher, plan_batches
 
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
 TINY = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=256, max_position_embeddings=128)
 MAX_TOKENS = 77
+
+
+def naive_batches(n: int, batch_size: int) -> list[np.ndarray]:
+    """Fixed-size batches in the given order (the baseline that length bucketing is measured against)."""
+    return [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+def padding_efficiency(lengths, batches: list[np.ndarray]) -> float:
+    """Real tokens / padded tokens over all batches (1.0 = no padding)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    real = int(lengths.sum())
+    padded = sum(int(lengths[b].max()) * len(b) for b in batches if len(b))
+    return real / padded if padded else 1.0
 
 
 def caption_lengths(n: int, rng: np.random.Generator, words_median: float = 13.0) -> np.ndarray:

@@ -168,9 +168,10 @@ def teacher_cache_dir(cfg: Config, run_dir: Path) -> Path:
 def teacher_identity_from_config(cfg: Config) -> dict:
     """The teacher's part of a cache's identity, from the config alone (no weights, no network).
 
-    Stand-in until ``kclip.teacher.teacher_identity`` lands. ``teacher.name`` is compared by the names it
-    can stand for (as given, as an absolute folder path, the embedded default's aliases); an empty
-    ``teacher.revision`` matches a cache of any revision of that name (the manifest records which).
+    ``teacher.name`` is compared by the names it can stand for (as given, as an absolute folder path, the
+    embedded default's aliases); an empty ``teacher.revision`` matches a cache of any revision of that name
+    (the manifest records which). Where the teacher's files are still at hand, :func:`_teacher_files_changed`
+    also compares their fingerprint (``kclip.teacher.teacher_identity``).
     """
     t = cfg.teacher
     return {"name": t.name, "revision": t.revision or None, "precision": t.precision, "pooling": t.pooling,
@@ -185,6 +186,22 @@ def _teacher_names(name: str) -> set[str]:
     if name.lower().replace("_", "-").endswith("all-minilm-l6-v2"):  # the embedded default and its aliases
         names.add(DEFAULT_TEACHER)
     return names
+
+
+def _teacher_files_changed(manifest, cfg: Config) -> list[str]:
+    """For a teacher that is a local folder / GGUF file or an installed package: ``teacher`` id change when its
+    files (fingerprint) or package version differ from the cache's. Nothing when the files are gone (training
+    from a finished cache needs no weights) or for a Hub id (its cached commit may be evicted)."""
+    from kclip.teacher import teacher_identity
+
+    t = cfg.teacher
+    try:
+        ident = teacher_identity(t.name, t.revision or None, t.precision, t.pooling, t.max_length, t.prompt or None)
+    except (FileNotFoundError, ValueError, OSError):
+        return []
+    if ident.get("source") not in ("folder", "gguf", "package") or ident["teacher"] == manifest.teacher:
+        return []
+    return [f"teacher files: {manifest.teacher!r} -> {ident['teacher']!r}"]
 
 
 def _manifest_name(manifest) -> str:
@@ -209,6 +226,8 @@ def cache_changes(manifest, cfg: Config, index: PairIndex, split: str) -> list[s
     for key in ("precision", "pooling", "max_length", "prompt"):
         if getattr(manifest, key) != ident[key]:
             out.append(f"teacher.{key}: {getattr(manifest, key)!r} -> {ident[key]!r}")
+    if not out:
+        out += _teacher_files_changed(manifest, cfg)
     caps = captions_sha256(index.captions)
     if manifest.captions_sha256 != caps or manifest.count != len(index.pairs):
         out.append(f"data.{split} captions: {manifest.count} (sha256 {short(manifest.captions_sha256)}) -> "

