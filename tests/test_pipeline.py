@@ -25,7 +25,8 @@ def _cfg(run_dir, *extra):
 
 
 def _losses(run_dir):
-    return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    """The step records of metrics.jsonl (the per-epoch held-out R^2 records are separate lines)."""
+    return [r for r in map(json.loads, open(run_dir / "metrics.jsonl")) if "loss" in r]
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +55,9 @@ def test_every_stage_writes_its_output(base_run):
     report = result["eval"]
     assert {"before", "after"} <= set(report["models"])
     assert report["evaluations"]["attribute_zeroshot"]["ran"] and report["evaluations"]["compositional"]["ran"]
+    r2 = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if "distill_r2" in line]
+    assert r2 and all(-100 < r["distill_r2"] <= 1 and r["distill_r2_captions"] == 32 for r in r2)  # one per epoch
+    assert report["distillation"]["r2"] == pytest.approx(result["train"]["distill_r2"])
     losses = [r["loss"] for r in _losses(run_dir)]
     assert len(losses) == 6
     assert sum(losses[-2:]) < sum(losses[:2])  # it learns
