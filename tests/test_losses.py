@@ -4,16 +4,13 @@ Under DeepSpeed each rank computes the loss on its rows and the engine *averages
 ranks. The 2-rank test emulates exactly that (all-reduce, divide by 2) and requires the encoder, W_e and
 logit-scale gradients to equal those of one process on the concatenated batch.
 """
-import os
-import tempfile
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
+from _dist import run_ranks
 from conftest import TOL
 from kclip.losses import KnowledgeClipLoss
 
@@ -64,27 +61,17 @@ def test_kernel_and_reference_objectives_agree(impl):
         torch.testing.assert_close(grads_t[name], grads_r[name], **TOL[torch.float32], msg=name)
 
 
-def _worker(rank, world_size, init_file, impl, out_dir):
-    os.environ["TRITON_INTERPRET"] = "1"
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        model = TinyStudent()
-        per = N // world_size
-        loss, grads = _grads(model, impl, slice(rank * per, (rank + 1) * per), world_size=world_size)
-        for g in grads.values():  # what the DeepSpeed engine does with gradients: average over ranks
-            dist.all_reduce(g)
-            g /= world_size
-        torch.save({"grads": grads}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _two_rank_grads_match_full_batch(rank, world_size, impl):
+    _, full = _grads(TinyStudent(), impl, slice(None))  # one process, the whole batch
+    per = N // world_size
+    _, grads = _grads(TinyStudent(), impl, slice(rank * per, (rank + 1) * per), world_size=world_size)
+    for g in grads.values():  # what the DeepSpeed engine does with gradients: average over ranks
+        dist.all_reduce(g)
+        g /= world_size
+    for name, g in full.items():
+        torch.testing.assert_close(grads[name], g, atol=2e-5, rtol=1e-4, msg=f"rank {rank} {name}")
 
 
 @pytest.mark.parametrize("impl", ["triton", "reference"])
-def test_two_rank_gradients_equal_one_rank_full_batch(impl, tmp_path):
-    _, full = _grads(TinyStudent(), impl, slice(None))
-    init_file = tempfile.mktemp(dir=tmp_path)
-    mp.start_processes(_worker, args=(2, init_file, impl, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
-    for rank in range(2):
-        grads = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)["grads"]
-        for name, g in full.items():
-            torch.testing.assert_close(grads[name], g, atol=2e-5, rtol=1e-4, msg=f"rank {rank} {name}")
+def test_two_rank_gradients_equal_one_rank_full_batch(impl):
+    run_ranks(_two_rank_grads_match_full_batch, impl)
