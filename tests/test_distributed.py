@@ -27,6 +27,7 @@ CHILD = textwrap.dedent("""
     info = distributed.setup()
     assert (info.rank, info.world_size) == (0, 1), info
     assert distributed.setup() == info  # idempotent: the same group, one teardown registered
+    assert int(os.environ["MASTER_PORT"]) > 0  # the port the store holds, picked by the OS
     state["group"] = weakref.ref(dist.group.WORLD)
     assert distributed.all_reduce_mean(3.0) == 3.0
     print("setup-ok", flush=True)
