@@ -2,9 +2,17 @@
 
 ``deepspeed train.py`` sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; ``python train.py`` (and tests) do not,
 so a single-process group is made on a free local port. NCCL with GPUs, gloo on CPU.
+
+The group is destroyed before the interpreter shuts down (:func:`teardown`, registered with ``atexit`` by
+:func:`setup`). A group still alive at shutdown keeps its backend threads running while Python finalises;
+a gloo worker that then releases a finished collective's tensors needs the GIL, Python ends that thread,
+and the process aborts ("terminate called without an active exception", SIGABRT) after the work is done.
+Nothing may keep a reference to the group past ``destroy_process_group`` for the same reason (it only
+forgets the group; the backend is freed with the last reference).
 """
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 from dataclasses import dataclass
@@ -25,22 +33,35 @@ class DistInfo:
 
 
 def _free_port() -> int:
+    """A port free *now* (it may be taken before it is bound): only for a group that already exists."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def setup() -> DistInfo:
-    """Initialise torch.distributed through DeepSpeed (idempotent) and return this process's place."""
+    """Initialise torch.distributed through DeepSpeed (idempotent) and return this process's place.
+
+    Without a launcher (no ``RANK`` in the environment) the one-rank group's store listens on
+    ``MASTER_PORT`` if set, else on a port the OS picks (port 0) and this process holds from the start:
+    two runs at once can never race for one port. The launcher's variables are then set to match.
+    """
     import deepspeed
     import torch.distributed as dist
 
-    if "RANK" not in os.environ:
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            store = dist.TCPStore("127.0.0.1", int(os.environ.get("MASTER_PORT") or 0), 1, is_master=True,
+                                  wait_for_workers=False)
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(store.port))
+            dist.init_process_group(backend, store=store, rank=0, world_size=1)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)  # adopts a group made above
+    elif "RANK" not in os.environ:  # a group made by the caller: DeepSpeed still checks the launcher's variables
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                   verbose=False)
+    _register_teardown()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -48,6 +69,28 @@ def setup() -> DistInfo:
     else:
         device = torch.device("cpu")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+_TEARDOWN_REGISTERED = False
+
+
+def _register_teardown() -> None:
+    global _TEARDOWN_REGISTERED
+    if not _TEARDOWN_REGISTERED:
+        atexit.register(teardown)
+        _TEARDOWN_REGISTERED = True
+
+
+def teardown() -> None:
+    """Destroy the default process group if one exists (idempotent; see the module doc for why).
+
+    :func:`setup` registers this with ``atexit``, which runs while the interpreter is still whole;
+    call it earlier to release the group sooner.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier() -> None:

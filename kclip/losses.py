@@ -10,9 +10,9 @@ Data parallelism: DeepSpeed averages parameter gradients over ranks. That is rig
 (L_emb, L_conc). L_cont is one loss over the global batch; the fused kernel returns its exact gradient
 for this rank's rows, so the averaging would shrink the encoders' share by the world size P. The features
 therefore pass through :class:`_ScaleGrad` (x P in backward only) before the kernel; the logit-scale
-gradient is already exact on every rank and is left alone. The reference path instead all-gathers the
-features *with* gradient (as open_clip does), whose backward sums P identical contributions: the same
-result. ``tests/test_losses.py`` checks that 2-rank encoder gradients equal 1-rank full-batch ones.
+gradient is already exact on every rank and is left alone. The reference impl takes the same path: its
+all-gather keeps this rank's slice in the graph (exact local gradient, no collective in backward).
+``tests/test_losses.py`` checks 2-rank encoder gradients equal 1-rank full-batch ones for both impls.
 """
 from __future__ import annotations
 
@@ -32,27 +32,23 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.factor, None
 
 
-def _gather_with_grad(x: torch.Tensor, group) -> torch.Tensor:
-    import torch.distributed.nn.functional as dist_fn
-    return torch.cat(dist_fn.all_gather(x, group=group), dim=0)
-
-
 def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, impl: str = "triton",
                      group=None, world_size: int = 1) -> torch.Tensor:
-    """Symmetric InfoNCE over the global batch, with gradients ready for DeepSpeed's averaging (see module doc)."""
+    """Symmetric InfoNCE over the global batch, with gradients ready for DeepSpeed's averaging (see module doc).
+
+    Both impls all-gather without autograd and keep the local rows in the graph, so no collective runs in
+    backward; the x P of :class:`_ScaleGrad` undoes the engine's average over P ranks.
+    """
     from kclip import kernels
 
-    if world_size > 1 and group is None:
+    loss_fn = kernels.clip_contrastive_loss if impl == "triton" else kernels.clip_contrastive_loss_reference
+    if world_size == 1:
+        return loss_fn(image, text, logit_scale)
+    if group is None:
         import torch.distributed as dist
         group = dist.group.WORLD
-    if impl == "triton":
-        if world_size > 1:
-            image, text = _ScaleGrad.apply(image, float(world_size)), _ScaleGrad.apply(text, float(world_size))
-            return kernels.clip_contrastive_loss(image, text, logit_scale, process_group=group)
-        return kernels.clip_contrastive_loss(image, text, logit_scale)
-    if world_size > 1:
-        image, text = _gather_with_grad(image, group), _gather_with_grad(text, group)
-    return kernels.clip_contrastive_loss_reference(image, text, logit_scale)
+    image, text = _ScaleGrad.apply(image, float(world_size)), _ScaleGrad.apply(text, float(world_size))
+    return loss_fn(image, text, logit_scale, process_group=group)
 
 
 class KnowledgeClipLoss(torch.nn.Module):

@@ -76,7 +76,8 @@ term's logit-scale contribution accordingly). Saved for backward on each rank: t
 (O(N D), as open_clip keeps them) and the O(N) statistics.
 
 Limits: 2-D inputs of equal shape, N >= 1; ranks must hold equal N_p (checked with one tiny
-all-gather; an error tells you what to do otherwise). ``logit_scale`` must have one element. Rows
+all-gather when a group first sees a local size, not on every step: see ``_check_equal_rows``; an
+error tells you what to do otherwise). ``logit_scale`` must have one element. Rows
 are assumed L2-normalised only for the cost model; the maths is exact for any rows. Without CUDA and
 without ``TRITON_INTERPRET=1`` the PyTorch reference runs (distributed too, with an all-gather that
 keeps local gradients). Backward programs hold a BLOCK_M x min(512, next_pow2(D)) fp32
@@ -85,6 +86,8 @@ accumulator; D > 512 is split into 512-wide chunks that each recompute their S t
 are fixed heuristics (no autotune), chosen from sm_90 compile reports, not yet timed on a GPU.
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -150,17 +153,44 @@ def _check_shapes(image_emb: torch.Tensor, text_emb: torch.Tensor) -> None:
         raise ValueError("clip_contrastive_loss: empty batch (N = 0); skip the loss for empty batches.")
 
 
+# The local batch size each process group last agreed on (see _check_equal_rows). Weak keys: a destroyed
+# group drops out, and a new group is checked afresh even if it reuses an old one's address.
+_AGREED_ROWS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _check_equal_rows(n_local: int, device: torch.device, process_group) -> None:
+    """Raise a clear error when ranks hold different local batch sizes, without a host sync per step.
+
+    The check (an all-gather of one int64 per rank and a read back to the host) runs on the first call
+    for ``process_group`` and again only when this rank's ``n_local`` differs from the size the group
+    last agreed on. A training loop with a fixed batch size therefore pays it once; steady-state steps
+    issue no collective for it and never wait on the device. Every rank takes the same branch as long
+    as the ranks' sizes change together (equal-size batches on every rank, e.g. ``drop_last=True``);
+    the first call, and any step where all ranks move to a new size, is checked. A rank that changes
+    its size *alone* cannot be caught without a per-step collective: its check then meets the other
+    ranks' feature all-gather, which gloo aborts with "Is there a distributed collective mismatch"
+    and NCCL does not check (expect a hang until the group's timeout). ``TORCH_DISTRIBUTED_DEBUG=DETAIL``
+    makes torch check every collective's shapes across ranks (slow; for debugging).
+    """
     import torch.distributed as dist
 
+    try:
+        if _AGREED_ROWS.get(process_group) == n_local:
+            return
+    except TypeError:  # a group object without weak references: check every call
+        pass
     world = dist.get_world_size(process_group)
     sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
     dist.all_gather(sizes, torch.tensor([n_local], dtype=torch.int64, device=device), group=process_group)
-    sizes = [int(t.item()) for t in sizes]
+    sizes = torch.cat(sizes).tolist()  # the one host sync, paid only when the size changes
     if len(set(sizes)) != 1:
         raise ValueError(
             f"clip_contrastive_loss: ranks hold different local batch sizes {sizes}; distributed mode needs "
             f"the same N_p on every rank. Use drop_last=True in the sampler (or pad to equal batches).")
+    try:
+        _AGREED_ROWS[process_group] = n_local
+    except TypeError:
+        pass
 
 
 # ------------------------------------------------------------------------------------------------

@@ -3,26 +3,23 @@
 Each rank holds half of one global batch; the loss must equal the single-process full-batch loss, the
 local gradients must equal the matching slices of the full-batch gradients, and the logit-scale
 gradient must equal the full-batch one on every rank. The plain-PyTorch distributed path (used on CPU
-without the interpreter) is checked the same way in the same processes.
+without the interpreter) is checked the same way in the same processes. Steady-state steps (a local
+batch size the group has already agreed on) issue only the loss's own all-gathers and read nothing
+back to the host; ranks with different sizes get a clear error.
 """
-import os
-import socket
+import contextlib
 from importlib import import_module
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+import torch.distributed as dist
 import torch.nn.functional as F
 
+from _dist import run_ranks
 from conftest import TOL
 
-WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# Host reads: each is a device sync on CUDA. None may run in a steady-state distributed step.
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")
 
 
 def _full_batch(n, d, seed=0):
@@ -41,52 +38,84 @@ def _grads(fn, img, txt, s, **kw):
     return loss.detach(), img.grad, txt.grad, s.grad
 
 
-def _worker(rank, port, n_local, d, uneven):
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported in this fresh process
-    import torch.distributed as dist
+@contextlib.contextmanager
+def _count_all_gathers(counts: list):
+    """Count torch.distributed.all_gather calls (the loss modules look it up at call time)."""
+    real = dist.all_gather
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    def counting(*a, **kw):
+        counts.append(1)
+        return real(*a, **kw)
+
+    dist.all_gather = counting
     try:
-        ccl = import_module("kclip.kernels.clip_contrastive_loss")
-        from kclip.kernels.dispatch import use_triton
+        yield
+    finally:
+        dist.all_gather = real
 
-        assert use_triton(torch.zeros(1)), "the children must run the Triton interpreter"
-        group = dist.group.WORLD
-        if uneven:  # ranks with different N_p must get a clear error, not a hang
-            x = F.normalize(torch.randn(n_local + rank, d), dim=1)
-            try:
-                ccl.clip_contrastive_loss(x, x.clone(), torch.tensor(1.0), process_group=group)
-            except ValueError as exc:
-                assert "different local batch sizes" in str(exc)
-            else:
-                raise AssertionError("unequal local batches were accepted")
-            return
 
-        img, txt, s = _full_batch(WORLD * n_local, d)
-        rows = slice(rank * n_local, (rank + 1) * n_local)
+@contextlib.contextmanager
+def _no_host_reads():
+    """Make every Python-level host read of a tensor raise (forward and backward run inside)."""
+    real = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def refuse(name):
+        def read(self, *a, **kw):
+            raise AssertionError(f"host sync in a steady-state distributed step: Tensor.{name}()")
+        return read
+
+    for name in HOST_READS:
+        setattr(torch.Tensor, name, refuse(name))
+    try:
+        yield
+    finally:
+        for name, fn in real.items():
+            setattr(torch.Tensor, name, fn)
+
+
+def _equal_full_batch(rank, world, n_local, d):
+    ccl = import_module("kclip.kernels.clip_contrastive_loss")
+    from kclip.kernels.dispatch import use_triton
+
+    assert use_triton(torch.zeros(1)), "the children must run the Triton interpreter"
+    group = dist.group.WORLD
+    tol = TOL[torch.float32]
+    names = ("loss", "d_image", "d_text", "d_logit_scale")
+    agreed = None  # the local size the group has agreed on: the size check runs only when it changes
+    # n_local twice (the second time is a steady-state step), then every rank moves to n_local - 1
+    for step, n_p in enumerate((n_local, n_local, n_local - 1)):
+        img, txt, s = _full_batch(world * n_p, d, seed=step)
+        rows = slice(rank * n_p, (rank + 1) * n_p)
         want = _grads(ccl.clip_contrastive_loss_reference, img, txt, s)  # single process, full batch
         want = (want[0], want[1][rows], want[2][rows], want[3])
-        tol = TOL[torch.float32]
-        names = ("loss", "d_image", "d_text", "d_logit_scale")
-        for fn in (ccl.clip_contrastive_loss, ccl.clip_contrastive_loss_reference):
-            launches = ccl.TRITON_LAUNCHES
-            got = _grads(fn, img[rows], txt[rows], s, process_group=group)
+        for fn, loss_gathers in ((ccl.clip_contrastive_loss, 3), (ccl.clip_contrastive_loss_reference, 2)):
+            launches, gathers, checked, agreed = ccl.TRITON_LAUNCHES, [], agreed != n_p, n_p
+            with _count_all_gathers(gathers), (contextlib.nullcontext() if checked else _no_host_reads()):
+                got = _grads(fn, img[rows], txt[rows], s, process_group=group)
             if fn is ccl.clip_contrastive_loss:
                 assert ccl.TRITON_LAUNCHES - launches == 4, "the Triton path did not run"
+            # I, T (and the Triton path's O(N) statistics), plus one tiny gather when the size is checked
+            assert len(gathers) == loss_gathers + checked, (step, fn.__name__, len(gathers))
             for name, a, b in zip(names, got, want):
-                torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"rank {rank} {name}: {m}")
+                torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"rank {rank} step {step} {name}: {m}")
             # the same loss value on every rank, bit for bit
-            losses = [torch.zeros(()) for _ in range(WORLD)]
+            losses = [torch.zeros(()) for _ in range(world)]
             dist.all_gather(losses, got[0].reshape(()))
             assert all(torch.equal(x, losses[0]) for x in losses), losses
-    finally:
-        dist.destroy_process_group()
+
+
+def _unequal_batches(rank, world, n_local, d):
+    ccl = import_module("kclip.kernels.clip_contrastive_loss")
+    x = F.normalize(torch.randn(n_local + rank, d), dim=1)  # ranks with different N_p
+    for fn in (ccl.clip_contrastive_loss, ccl.clip_contrastive_loss_reference):
+        with pytest.raises(ValueError, match="different local batch sizes"):
+            fn(x, x.clone(), torch.tensor(1.0), process_group=dist.group.WORLD)
 
 
 @pytest.mark.parametrize("n_local,d", [(13, 48)])
 def test_two_ranks_equal_full_batch(n_local, d):
-    mp.spawn(_worker, args=(_free_port(), n_local, d, False), nprocs=WORLD, join=True)
+    run_ranks(_equal_full_batch, n_local, d)
 
 
 def test_two_ranks_unequal_batches_error():
-    mp.spawn(_worker, args=(_free_port(), 5, 16, True), nprocs=WORLD, join=True)
+    run_ranks(_unequal_batches, 5, 16)

@@ -4,40 +4,41 @@ Under DeepSpeed each rank computes the loss on its rows and the engine *averages
 ranks. The 2-rank test emulates exactly that (all-reduce, divide by 2) and requires the encoder, W_e and
 logit-scale gradients to equal those of one process on the concatenated batch.
 """
-import os
-import tempfile
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
+from _dist import run_ranks
 from conftest import TOL
 from kclip.losses import KnowledgeClipLoss
+from kclip.model import KnowledgeHead
 
 D_IN, D, D_TEACHER, K, N = 12, 10, 14, 5, 12
 
 
 class TinyStudent(nn.Module):
-    """Stands in for KnowledgeClip: two 'encoders', the projector W_e and a frozen classifier C."""
+    """Stands in for KnowledgeClip: two 'encoders', the logit scale and the real head (W_e, frozen C)."""
 
-    def __init__(self):
+    def __init__(self, impl="triton", concept_path="shared"):
         super().__init__()
         g = torch.Generator().manual_seed(0)
         self.image_enc = nn.Linear(D_IN, D)
         self.text_enc = nn.Linear(D_IN, D)
         self.logit_scale = nn.Parameter(torch.tensor(2.3))
-        self.projector = nn.Linear(D, D_TEACHER)
-        self.concept_classifier = nn.Linear(D_TEACHER, K).requires_grad_(False)
+        # "shared": L_conc also trains W_e, so the 2-rank check covers W_e's gradient from both head terms
+        self.head = KnowledgeHead(D, D_TEACHER, K, concept_path=concept_path, distill_impl=impl)
         with torch.no_grad():
             for p in self.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            self.head.load_concept_classifier(torch.randn(K, D_TEACHER, generator=g), torch.randn(K, generator=g))
 
-    def forward(self, xi, xt):
-        return {"image": F.normalize(self.image_enc(xi), dim=-1), "text": F.normalize(self.text_enc(xt), dim=-1),
-                "logit_scale": self.logit_scale.exp()}
+    def forward(self, xi, xt, teacher, concept):
+        out = {"image": F.normalize(self.image_enc(xi), dim=-1), "text": F.normalize(self.text_enc(xt), dim=-1),
+               "logit_scale": self.logit_scale.exp()}
+        out.update(self.head(out["text"], out["image"], teacher, concept))
+        return out
 
 
 def _batch():
@@ -48,8 +49,9 @@ def _batch():
 
 def _grads(model, impl, rows, world_size=1):
     xi, xt, teacher, concept = (t[rows] for t in _batch())
-    loss_fn = KnowledgeClipLoss(1.0, 0.3, 1.0, contrastive_impl=impl, distill_impl=impl, world_size=world_size)
-    total, terms = loss_fn(model, model(xi, xt), teacher, concept)
+    model.head.distill_impl = impl
+    loss_fn = KnowledgeClipLoss(1.0, 0.3, 1.0, contrastive_impl=impl, world_size=world_size)
+    total, terms = loss_fn(model(xi, xt, teacher, concept))
     model.zero_grad()
     total.backward()
     return total.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -64,27 +66,17 @@ def test_kernel_and_reference_objectives_agree(impl):
         torch.testing.assert_close(grads_t[name], grads_r[name], **TOL[torch.float32], msg=name)
 
 
-def _worker(rank, world_size, init_file, impl, out_dir):
-    os.environ["TRITON_INTERPRET"] = "1"
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        model = TinyStudent()
-        per = N // world_size
-        loss, grads = _grads(model, impl, slice(rank * per, (rank + 1) * per), world_size=world_size)
-        for g in grads.values():  # what the DeepSpeed engine does with gradients: average over ranks
-            dist.all_reduce(g)
-            g /= world_size
-        torch.save({"grads": grads}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _two_rank_grads_match_full_batch(rank, world_size, impl):
+    _, full = _grads(TinyStudent(), impl, slice(None))  # one process, the whole batch
+    per = N // world_size
+    _, grads = _grads(TinyStudent(), impl, slice(rank * per, (rank + 1) * per), world_size=world_size)
+    for g in grads.values():  # what the DeepSpeed engine does with gradients: average over ranks
+        dist.all_reduce(g)
+        g /= world_size
+    for name, g in full.items():
+        torch.testing.assert_close(grads[name], g, atol=2e-5, rtol=1e-4, msg=f"rank {rank} {name}")
 
 
 @pytest.mark.parametrize("impl", ["triton", "reference"])
-def test_two_rank_gradients_equal_one_rank_full_batch(impl, tmp_path):
-    _, full = _grads(TinyStudent(), impl, slice(None))
-    init_file = tempfile.mktemp(dir=tmp_path)
-    mp.start_processes(_worker, args=(2, init_file, impl, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
-    for rank in range(2):
-        grads = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)["grads"]
-        for name, g in full.items():
-            torch.testing.assert_close(grads[name], g, atol=2e-5, rtol=1e-4, msg=f"rank {rank} {name}")
+def test_two_rank_gradients_equal_one_rank_full_batch(impl):
+    run_ranks(_two_rank_grads_match_full_batch, impl)
