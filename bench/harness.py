@@ -39,6 +39,8 @@ def git_revision() -> str:
     Where ``.git`` does not travel (a copied tree on a benchmark machine) the revision comes from the
     ``KCLIP_GIT_REV`` environment variable, which ``bench.gpu_suite`` sets for its steps.
     """
+    if os.environ.get(GIT_REV_ENV):  # set by whoever copied the tree (the checkout's .git may be stale there)
+        return os.environ[GIT_REV_ENV]
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
