@@ -203,6 +203,9 @@ def main(argv=None):
                     rec.update(harness.time_fn(lambda: _step(fn, img, txt, s), device, **reps))
                     if name == "kclip":
                         rec["triton_path"] = kmod.TRITON_LAUNCHES > launches
+                    # the gradients of the timed runs are still allocated: free them first, or the peak above
+                    # the baseline would leave out the (N, D) gradient buffers every step allocates
+                    img.grad = txt.grad = s.grad = None
                     mem = harness.peak_memory_bytes(lambda: _step(fn, img, txt, s), device)
                     rec["peak_mem_bytes"] = mem
                     rec["peak_mem_mib"] = None if mem is None else mem / 2 ** 20

@@ -240,6 +240,11 @@ def run_suite(steps: list[Step], budget_s: float, out: Path, quick: bool = False
              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     tee.write(f"[suite] {'dry run (CPU, --quick)' if quick else 'GPU run'}: {len(steps)} steps, budget "
               f"{budget_s:.0f} s, git {revision}, out {out}\n")
+    problem = preflight(python or sys.executable, env)
+    if problem:  # every step would fail the same way: say so once, spend nothing
+        tee.write(f"[suite] preflight failed, no step run: {problem}\n")
+        suite["preflight"] = problem
+        steps = []
     try:
         for step in steps:
             left = budget_s - (time.monotonic() - t_start) - RESERVE_S
@@ -286,6 +291,24 @@ def run_suite(steps: list[Step], budget_s: float, out: Path, quick: bool = False
         tee.close()
         pack(out, pack_dir)
     return suite
+
+
+PREFLIGHT = ("import kclip.kernels as k; k.clip_contrastive_loss; import kclip.trainer, bench.harness")
+
+
+def preflight(python: str, env: dict) -> str | None:
+    """None when the suite's children can import kclip (kernels included), else what went wrong and what to do.
+
+    A tree copied to a benchmark machine needs kclip installed there (``pip install -e .``: ``kernels/`` is
+    the package ``kclip.kernels`` only through the install), or every kernel step fails at import.
+    """
+    out = subprocess.run([python, "-c", PREFLIGHT], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    if out.returncode == 0:
+        return None
+    last = (out.stderr.strip().splitlines() or ["?"])[-1]
+    return (f"{last} -- install kclip in this environment first (pip install --no-deps -e . from the repo root; "
+            f"without an index: pip install --no-deps --no-build-isolation -e .)")
 
 
 def _write_json(path: Path, obj) -> None:
@@ -409,7 +432,9 @@ def target_rows(results: Path, quick: bool = False) -> list[dict]:
     te = [r for r in data.get("teacher", []) if r.get("kind") == "throughput" and r.get("batching") == "bucketed"
           and r.get("model") == at_["teacher_model"] and "cos_ref" in r]  # the first budget: cosines measured there
     ref = at_["teacher_ref"]
-    bf, i8 = _latest(te, precision=ref) or {}, _latest(te, precision="int8") or {}
+    i8 = _latest(te, precision="int8") or {}
+    same = {k: i8[k] for k in ("num_captions", "token_budget", "run_id") if k in i8}  # the int8 record's own run
+    bf = _latest(te, precision=ref, **same) or ({} if i8 else _latest(te, precision=ref) or {})
     where = f"{at_['teacher_model']}, {ref} reference"
     rows.append(_row(f"teacher {ref} share of the matmul ceiling", _div(bf.get("tflops"), ceiling), 0.5, True, "",
                      where, "useful FLOPs (no padding)"))
@@ -434,8 +459,10 @@ def target_rows(results: Path, quick: bool = False) -> list[dict]:
 def render_summary(suite: dict, rows: list[dict]) -> str:
     dry = suite.get("quick")
     lines = [f"# kclip GPU suite: {'DRY RUN on CPU (--quick): not performance numbers' if dry else 'results'}", "",
-             f"git {suite.get('git')}, budget {suite.get('budget_s'):.0f} s, ran {suite.get('seconds', 0):.0f} s", "",
-             "| target | where | measured | target | ratio | status | note |", "|---|---|---:|---:|---:|---|---|"]
+             f"git {suite.get('git')}, budget {suite.get('budget_s'):.0f} s, ran {suite.get('seconds', 0):.0f} s", ""]
+    if suite.get("preflight"):
+        lines += [f"**Preflight failed, no step ran:** {suite['preflight']}", ""]
+    lines += ["| target | where | measured | target | ratio | status | note |", "|---|---|---:|---:|---:|---|---|"]
     for r in rows:
         m = r["measured"]
         meas = "–" if m is None else (f"{m:.3g}" + (f" {r['unit']}" if r["unit"] not in ("", "x") else
@@ -489,7 +516,7 @@ def main(argv=None) -> int:
         return 0
     out = Path(args.out) if args.out else REPO_ROOT / "bench" / "results" / "gpu_suite"
     suite = run_suite(steps, budget, out, quick=args.quick, pack_dir=Path(args.pack) if args.pack else None)
-    return 0 if all(s["status"] in ("ok", "skipped") for s in suite["steps"]) else 1
+    return 0 if not suite.get("preflight") and all(s["status"] in ("ok", "skipped") for s in suite["steps"]) else 1
 
 
 if __name__ == "__main__":

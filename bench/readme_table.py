@@ -33,8 +33,12 @@ CONFIG_KEYS = {
     "train_step": ("model", "image_size", "batch", "precision", "world_size", "compile", "grad_checkpointing"),
     "loader": ("model", "stored_image_size", "image_format", "batch", "num_workers"),
 }
-PROVENANCE = {"device", "torch", "triton", "git", "date", "interpreter", "bench", "op", "impl", "error", "oom",
-              "note", "kernel_path", "optimizer", "flop_count"}
+PROVENANCE = {"max_position_embeddings", "num_attention_heads", "num_key_value_heads", "max_tokens", "vocab_size",
+              "intermediate_size", "hidden_size", "quick", "bias", "init", "device", "torch", "triton", "git", "date", "interpreter", "bench", "op", "impl", "error", "oom",
+              "note", "kernel_path", "optimizer", "flop_count", "run_id", "seq", "series", "git_note", "triton_path",
+              "skipped", "platform", "python", "cuda", "capability", "autotune_best", "bnb_int8_layer"}
+# Rows that are not comparisons (the launch-configuration sweep of --tune) stay in the JSONL only.
+HIDDEN_IMPLS = {"kclip-tune"}
 METRIC_HINTS = ("ms", "bytes", "flops", "per_s", "_s", "steps", "pairs", "efficiency", "cos", "vs_", "ratio",
                 "over", "mfu", "error", "iters", "inertia", "time", "speedup", "batches")
 
@@ -118,8 +122,6 @@ def headlines(benches: dict[str, list[dict]]) -> list[str]:
     for rec in benches.get("train_step", []):
         if rec.get("impl") != "kclip-fused" or not rec.get("pairs_per_s"):
             continue
-        same = {r["impl"]: r for r in benches["train_step"] if r.get("device") == rec.get("device")
-                and config_of("train_step", r) == config_of("train_step", rec)}
         parts = [f"**{rec['model']}**, batch {rec['batch']}, {rec['precision']} on {_device(rec)}: kclip-fused "
                  f"{rec['pairs_per_s']:.0f} pairs/s/GPU"]
         if rec.get("mfu"):
@@ -128,11 +130,6 @@ def headlines(benches: dict[str, list[dict]]) -> list[str]:
             parts.append(f"{rec['vs_openclip_style']:.2f}x the open_clip-style step")
         if rec.get("vs_online_teacher"):
             parts.append(f"{rec['vs_online_teacher']:.1f}x the online 8-bit-teacher step")
-        ds = [f"ZeRO-{i[-1]} {same[i]['vs_plain']:.2f}x" for i in ("deepspeed-zero1", "deepspeed-zero2",
-                                                                     "deepspeed-zero3")
-              if i in same and same[i].get("vs_plain")]
-        if ds:
-            parts.append("DeepSpeed vs plain: " + ", ".join(ds))
         out.append("- " + "; ".join(parts))
     loaders = [r for r in benches.get("loader", []) if r.get("impl") == "pairdataset" and r.get("pairs_per_s")]
     by_device: dict = {}
@@ -151,8 +148,7 @@ def headlines(benches: dict[str, list[dict]]) -> list[str]:
 
 def train_step_table(rows: list[dict]) -> list[str]:
     header = ["device", "model", "batch", "precision", "impl", "step ms median (p20–p80)", "pairs/s/GPU", "MFU",
-              "peak GiB", "vs open_clip", "vs online teacher", "vs plain", "kernel path", "torch", "triton",
-              "date", "git"]
+              "peak GiB", "vs open_clip", "vs online teacher", "kernel path", "torch", "triton", "date", "git"]
     body = []
     for r in rows:
         peak = r["peak_bytes"] / 2**30 if isinstance(r.get("peak_bytes"), (int, float)) else None
@@ -160,7 +156,7 @@ def train_step_table(rows: list[dict]) -> list[str]:
                      str(r.get("impl")), _ms(r), _f(r.get("pairs_per_s"), "{:.0f}"),
                      _f(r["mfu"] * 100, "{:.1f}%") if r.get("mfu") else "–", _f(peak),
                      _f(r.get("vs_openclip_style"), "{:.2f}x"), _f(r.get("vs_online_teacher"), "{:.2f}x"),
-                     _f(r.get("vs_plain"), "{:.3f}x"), str(r.get("kernel_path", "–")).split(" (")[0], *_prov(r)])
+                     str(r.get("kernel_path", "–")).split(" (")[0], *_prov(r)])
     return _table(header, body)
 
 
@@ -177,9 +173,35 @@ def loader_table(rows: list[dict]) -> list[str]:
     return _table(header, body)
 
 
+# Per bench, the measurements worth a column beside the time (field, label, format).
+KEY_METRICS = {
+    "env": [("matmul_tflops", "bf16 matmul TFLOP/s", "{:.0f}"), ("copy_tb_per_s", "copy TB/s", "{:.2f}"),
+            ("bnb_int8_cos_min", "int8 Linear cos", "{:.4f}")],
+    "kmeans": [("ms_per_iter", "ms / Lloyd iter", "{:.2f}"), ("assign_ms", "assign ms", "{:.2f}"),
+               ("update_ms", "update ms", "{:.2f}")],
+    "teacher": [("tokens_per_s", "tokens/s", "{:.0f}"), ("tflops", "useful TFLOP/s", "{:.1f}"),
+                ("weight_bytes", "weights GiB", "{:.2f}"), ("cos_min", "cos min", "{:.4f}"),
+                ("bucketed_efficiency", "padding eff.", "{:.3f}")],
+    "clip_contrastive_loss": [("tflops", "TFLOP/s (4-matmul)", "{:.0f}")],
+    "projected_mse_loss": [("eager_over_kernel", "eager/kernel", "{:.2f}"), ("kernel_over_floor", "kernel/floor",
+                                                                            "{:.2f}")],
+}
+
+
+def _metric(rec: dict, field: str, fmt: str) -> str:
+    v = rec.get(field)
+    if field == "weight_bytes" and isinstance(v, (int, float)):
+        v = v / 2**30
+    return _f(v, fmt) if isinstance(v, (int, float)) and not isinstance(v, bool) else "–"
+
+
 def generic_table(bench: str, rows: list[dict], max_rows: int) -> list[str]:
-    header = ["device", "config", "impl", "ms median (p20–p80)", "torch", "triton", "date", "git"]
-    body = [[_device(r), ", ".join(f"{k}={v}" for k, v in config_of(bench, r)), str(r.get("impl")), _ms(r), *_prov(r)]
+    extra = KEY_METRICS.get(bench, [])
+    extra = [m for m in extra if any(isinstance(r.get(m[0]), (int, float)) for r in rows)]
+    header = ["device", "config", "impl", "ms median (p20–p80)", *[m[1] for m in extra], "torch", "triton", "date",
+              "git"]
+    body = [[_device(r), ", ".join(f"{k}={v}" for k, v in config_of(bench, r)), str(r.get("impl")), _ms(r),
+             *[_metric(r, f, fmt) for f, _, fmt in extra], *_prov(r)]
             for r in rows[:max_rows]]
     lines = _table(header, body)
     if len(rows) > max_rows:
@@ -189,7 +211,9 @@ def generic_table(bench: str, rows: list[dict], max_rows: int) -> list[str]:
 
 def render(benches: dict[str, list[dict]], max_rows: int = 16) -> str:
     """The markdown block (without the markers)."""
-    newest = {name: latest(name, recs) for name, recs in benches.items()}
+    newest = {name: latest(name, [r for r in recs if r.get("impl") not in HIDDEN_IMPLS])
+              for name, recs in benches.items()}
+    newest = {name: rows for name, rows in newest.items() if rows}
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     lines = [f"_Generated by `python -m bench.readme_table` from `bench/results/*.jsonl` on {stamp}; newest run per "
              "(bench, device, config, impl)._", ""]

@@ -80,10 +80,14 @@ all-gather when a group first sees a local size, not on every step: see ``_check
 error tells you what to do otherwise). ``logit_scale`` must have one element. Rows
 are assumed L2-normalised only for the cost model; the maths is exact for any rows. Without CUDA and
 without ``TRITON_INTERPRET=1`` the PyTorch reference runs (distributed too, with an all-gather that
-keeps local gradients). Backward programs hold a BLOCK_M x min(512, next_pow2(D)) fp32
-accumulator; D > 512 is split into 512-wide chunks that each recompute their S tiles (D=768 runs
-2 chunks, the second half-empty: ~1.4x the backward matmul work of an unsplit D). GPU block sizes
-are fixed heuristics (no autotune), chosen from sm_90 compile reports, not yet timed on a GPU.
+keeps local gradients). Backward programs hold a BLOCK_M x BLOCK_DO fp32 accumulator: D <= 512 in
+one chunk; D > 512 in 256-wide chunks that each recompute their S tiles (D=768: 3 chunks). GPU block
+sizes are fixed heuristics (no autotune): the D <= 512 ones from sm_90 compile reports, the D > 512
+ones measured (``--tune``). Measured on an H200 (bench/results/clip_contrastive_loss.jsonl), this plan
+reaches only 42-78 TFLOP/s of useful work (4-matmul count) at N=32k: 5-10% of the 782 TFLOP/s bf16
+matmul ceiling, and eager PyTorch (cuBLAS logits) is 3-7x faster wherever its N x N logits fit. The
+kernel wins on memory (O(N) above the inputs) and against Inf-CL (2.4-4.2x); closing the speed gap
+(register spills of the fp32 accumulator, wgmma layouts, fewer passes) is open work.
 """
 from __future__ import annotations
 
@@ -339,12 +343,17 @@ def _grad_blocks(D: int):
         return {**dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_DO=32, num_warps=4, num_stages=1),
                 **LAUNCH_OVERRIDES.get("grad", {})}
     # The fp32 accumulator is BLOCK_M x BLOCK_DO registers; D above 512 is split into chunks (each
-    # chunk recomputes its S tiles). Chosen from sm_90 compile reports (ptxas -v: registers/spills,
-    # shared memory) without a GPU to time on: (64, 32, 512) spills least of the configs that keep
-    # D=512 in one chunk. Re-tune on a GPU.
+    # chunk recomputes its S tiles). D <= 512: from sm_90 compile reports (ptxas -v: registers/spills,
+    # shared memory), (64, 32, 512) spills least of the configs that keep D=512 in one chunk, and it was
+    # also the fastest of the --tune candidates on an H200 at D=512.
     block_do = min(512, max(16, triton.next_power_of_2(D)))
     block_m = 128 if block_do <= 128 else 64
     block_n = 64 if block_do <= 128 else 32
+    if D > 512:
+        # Measured on an H200 (bench_clip_contrastive_loss --tune, N=32768, bf16; bench/results): at D=768,
+        # three 256-wide chunks with (64, 64) tiles run the backward 18% faster than two 512-wide chunks
+        # (129 vs 157 ms fwd+bwd), identical results; at D=512 the single 512-wide chunk stays best.
+        block_do, block_m, block_n = 256, 64, 64
     return {**dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, BLOCK_DO=block_do, num_warps=8, num_stages=2),
             **LAUNCH_OVERRIDES.get("grad", {})}
 

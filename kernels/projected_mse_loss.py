@@ -122,10 +122,14 @@ def projected_mse_loss_reference(
     """
     _check_reduction(reduction)
     y = F.linear(x, weight, bias)
+    target = target.detach()
+    if target.dtype != y.dtype:  # promote as the kernel does (bf16 student x fp16 cache -> fp32); CUDA's
+        common = torch.promote_types(y.dtype, target.dtype)  # mse_loss refuses mixed dtypes
+        y, target = y.to(common), target.to(common)
     if reduction == "batchmean":
         rows = y.numel() // max(1, y.shape[-1]) if y.dim() > 1 else 1
-        return F.mse_loss(y, target.detach(), reduction="sum") / rows
-    return F.mse_loss(y, target.detach(), reduction=reduction)
+        return F.mse_loss(y, target, reduction="sum") / rows
+    return F.mse_loss(y, target, reduction=reduction)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -89,6 +89,16 @@ def test_steps_that_no_longer_fit_are_skipped_and_recorded(tmp_path):
     assert suite["steps"][0]["status"] == "failed" and suite["steps"][0]["returncode"] == 3
 
 
+def test_preflight_stops_before_any_step_when_kclip_is_not_importable(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_suite, "PREFLIGHT", "import kclip.no_such_module")
+    ran = tmp_path / "ran"
+    step = Step("would_run", "touches a file", _py(f"open({str(ran)!r}, 'w')"), _py("x"), 1, 0, 5, results=False)
+    suite = run_suite([step], budget_s=60, out=tmp_path / "out")
+    assert suite["steps"] == [] and not ran.exists()
+    assert "no_such_module" in suite["preflight"] and "pip install" in suite["preflight"]
+    assert "Preflight failed" in (tmp_path / "out" / "summary.md").read_text()
+
+
 def test_list_and_only(capsys):
     assert gpu_suite.main(["--list"]) == 0
     out = capsys.readouterr().out
