@@ -1,8 +1,9 @@
 """Launcher: ``deepspeed train.py [--config configs/X.yaml] [key.sub=value ...]``.
 
-Runs every Knowledge-CLIP stage whose output is missing from the run directory (teach -> concepts ->
-train -> eval). Without --config it runs the embedded default (configs/tiny.yaml), which finishes on a CPU
-in minutes. All decisions live in the kclip library; this file only parses arguments.
+Runs the Knowledge-CLIP stages (teach -> concepts -> train -> eval); each is skipped when its stamp says its
+output was made from the same inputs, rebuilt or stopped (``--rebuild STAGE``) when not. Without --config it
+runs the embedded default (configs/tiny.yaml), which finishes on a CPU in minutes. All decisions live in the
+kclip library; this file only parses arguments.
 """
 import os
 import sys
