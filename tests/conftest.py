@@ -38,3 +38,32 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def planted(n=997, k=6, d=13, seed=0, spread=10.0, dtype=None):
+    """Gaussian blobs around ``k`` random centres: (x (n, d), true labels (n,), centres (k, d)), numpy."""
+    import numpy as np
+
+    g = np.random.default_rng(seed)
+    centers = g.normal(size=(k, d)) * spread
+    truth = g.integers(0, k, size=n)
+    x = (centers[truth] + g.normal(size=(n, d))).astype(dtype or np.float32)
+    return x, truth, centers
+
+
+def spy_launches(monkeypatch, module: str, launcher: str) -> list:
+    """Record the first argument's shape at every call of ``module.launcher`` (a Triton launcher), so a test
+    can prove the kernel path ran, not the reference. Returns the (growing) list of shapes."""
+    import sys
+
+    import kclip.kernels  # noqa: F401  binds the public functions before the op modules are read
+    mod = sys.modules[module]
+    calls, real = [], getattr(mod, launcher)
+
+    def spy(x, *args):
+        calls.append(tuple(x.shape))
+        return real(x, *args)
+
+    monkeypatch.setattr(mod, launcher, spy)
+    return calls
+

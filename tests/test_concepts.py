@@ -4,35 +4,17 @@ import json
 import numpy as np
 import pytest
 import torch
+
+from conftest import planted, spy_launches
 from sklearn.metrics import normalized_mutual_info_score
 
 from kclip.concepts import load_concepts, run_concepts, train_concept_classifier
 
 
-def planted(n=997, k=6, d=13, seed=0, spread=10.0, dtype=np.float32):
-    g = np.random.default_rng(seed)
-    centers = g.normal(size=(k, d)) * spread
-    truth = g.integers(0, k, size=n)
-    x = (centers[truth] + g.normal(size=(n, d))).astype(dtype)
-    return x, truth, centers
-
-
 @pytest.fixture
 def triton_calls(monkeypatch):
-    """Counts calls into the Triton assignment launcher, proving the Triton path (not the reference) ran."""
-    import sys
-
-    from kclip.kernels import kmeans_assign  # noqa: F401  bind the public function before reading the module
-    ka = sys.modules["kclip.kernels.kmeans_assign"]
-    calls = []
-    real = ka._kmeans_assign_triton
-
-    def spy(x, c):
-        calls.append(tuple(x.shape))
-        return real(x, c)
-
-    monkeypatch.setattr(ka, "_kmeans_assign_triton", spy)
-    return calls
+    """Launches of the Triton assignment kernel (the Triton path, not the reference, ran)."""
+    return spy_launches(monkeypatch, "kclip.kernels.kmeans_assign", "_kmeans_assign_triton")
 
 
 # ------------------------------------------------------------------------------------------------ classifier

@@ -2,6 +2,8 @@
 import numpy as np
 import pytest
 import torch
+
+from conftest import planted, spy_launches
 from sklearn.cluster import KMeans
 from sklearn.metrics import normalized_mutual_info_score
 
@@ -10,53 +12,19 @@ from kclip.kernels.dispatch import use_triton
 from kclip.kmeans import fit_kmeans
 
 
-def planted(n=997, k=6, d=13, seed=0, spread=10.0, dtype=np.float32):
-    g = np.random.default_rng(seed)
-    centers = g.normal(size=(k, d)) * spread
-    truth = g.integers(0, k, size=n)
-    x = (centers[truth] + g.normal(size=(n, d))).astype(dtype)
-    return x, truth, centers
-
-
 CPU_BACKENDS = ["triton", "sklearn"]
 
 
 @pytest.fixture
 def triton_calls(monkeypatch):
-    """Counts calls into the Triton launcher, proving the Triton path (not the reference) ran."""
-    import sys
-
-    from kclip.kernels import kmeans_assign  # noqa: F401  lazy export first: importing the submodule
-    # directly would bind the package attribute `kmeans_assign` to the module instead of the function
-    ka = sys.modules["kclip.kernels.kmeans_assign"]
-
-    calls = []
-    real = ka._kmeans_assign_triton
-
-    def spy(x, c):
-        calls.append(tuple(x.shape))
-        return real(x, c)
-
-    monkeypatch.setattr(ka, "_kmeans_assign_triton", spy)
-    return calls
+    """Launches of the Triton assignment kernel (the Triton path, not the reference, ran)."""
+    return spy_launches(monkeypatch, "kclip.kernels.kmeans_assign", "_kmeans_assign_triton")
 
 
 @pytest.fixture
 def update_calls(monkeypatch):
-    """Counts launches of the Triton centroid update (kmeans_update), proving the deterministic kernel ran."""
-    import sys
-
-    from kclip.kernels import kmeans_update  # noqa: F401  bind the public function first (see triton_calls)
-    ku = sys.modules["kclip.kernels.kmeans_update"]
-    calls = []
-    real = ku._kmeans_update_triton
-
-    def spy(x, labels, k):
-        calls.append(tuple(x.shape))
-        return real(x, labels, k)
-
-    monkeypatch.setattr(ku, "_kmeans_update_triton", spy)
-    return calls
+    """Launches of the Triton centroid update (the deterministic kernel ran)."""
+    return spy_launches(monkeypatch, "kclip.kernels.kmeans_update", "_kmeans_update_triton")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

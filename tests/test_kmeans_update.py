@@ -1,10 +1,8 @@
 """kmeans_update: the Triton segment-sum kernel (interpreter on CPU) against the PyTorch reference."""
-import sys
-
 import pytest
 import torch
 
-from conftest import TOL
+from conftest import TOL, spy_launches
 
 from kclip.kernels import kmeans_update, kmeans_update_reference
 from kclip.kernels.dispatch import use_triton
@@ -14,17 +12,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Counts launches of the Triton path, proving the kernel (not the reference) ran."""
-    mod = sys.modules["kclip.kernels.kmeans_update"]
-    calls = []
-    real = mod._kmeans_update_triton
-
-    def spy(x, labels, k):
-        calls.append(tuple(x.shape))
-        return real(x, labels, k)
-
-    monkeypatch.setattr(mod, "_kmeans_update_triton", spy)
-    return calls
+    """Launches of the Triton path (the kernel, not the reference, ran)."""
+    return spy_launches(monkeypatch, "kclip.kernels.kmeans_update", "_kmeans_update_triton")
 
 
 def _data(n, d, k, dtype=torch.float32, seed=0, empty=()):
