@@ -226,7 +226,7 @@ def test_plan_shares_teacher_free_arms(tmp_path):
 def test_comparison_smoke(tmp_path):
     out = tmp_path / "cmp"
     kw = dict(teachers=["minilm"], seeds=[0], epochs=1, pretrain_epochs=1, pretrain_images=48, n_val_images=16,
-              text_em_steps=10, extra_overrides=SMALL, jobs=1, progress=False, log=lambda m: None)
+              text_em_steps=10, extra_overrides=SMALL, jobs=2, progress=False, log=lambda m: None)
     res = run_comparison(out, **kw)
     assert (out / "comparison.md").is_file() and json.loads((out / "comparison.json").read_text())["teachers"]
     t = res["teachers"]["minilm"]

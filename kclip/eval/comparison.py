@@ -674,7 +674,7 @@ def run_comparison(out_dir: str | Path, teachers: Sequence[str] = ("minilm",), s
                       [a for a in ARMS if a in arms], [*common, f"train.epochs={epochs}"], threads)
     say(f"phase 1: the pretrained start in {pre.run_dir} ({pretrain_epochs} epochs, {pretrain_images} images); "
         f"phase 2: {len(specs)} runs, {jobs} at a time")
-    pre_info, caches, results = _run_all(pre, specs, jobs, resume, say)
+    pre_info, caches, results = _run_all(pre, specs, jobs, resume, say, hits=bootstrap)
 
     summary = summarize(results, list(teacher_overrides), seeds, [a for a in ARMS if a in arms], bootstrap)
     runs = [{"name": r.spec.name, "arm": r.spec.arm, "teacher": r.spec.teacher, "seed": r.spec.seed,
@@ -728,13 +728,20 @@ def _teach(spec: RunSpec) -> dict:
             "threads": spec.threads}
 
 
+_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def _in_worker(fn, *args):
+    """Run ``fn`` in a worker process: its own one-rank process group (a MASTER_PORT inherited from a parent
+    that set one up would already be taken), no hub access."""
+    for key in _DIST_ENV:
+        os.environ.pop(key, None)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return fn(*args)
 
 
-def _run_all(pre: RunSpec, specs: list[RunSpec], jobs: int, resume: bool,
-             say: Callable[[str], None]) -> tuple[dict, list, list[RunResult]]:
+def _run_all(pre: RunSpec, specs: list[RunSpec], jobs: int, resume: bool, say: Callable[[str], None],
+             hits: bool = True) -> tuple[dict, list, list[RunResult]]:
     """Phase 1, then every run: in this process (jobs = 1), or ``jobs`` at a time in worker processes, where the
     teacher caches are built beside phase 1 (one run per cache embeds it first) and the runs follow."""
     n = len(specs)
@@ -769,7 +776,7 @@ def _run_all(pre: RunSpec, specs: list[RunSpec], jobs: int, resume: bool,
         pre_info = pretrained(pretrain(pre, resume))
         for spec in specs:
             say(f"[{len(done) + 1}/{n}] {spec.name}: {'checking' if resume else 'running'} ({spec.run_dir})")
-            report(execute(spec, resume=resume))
+            report(execute(spec, resume=resume, hits=hits))
         return pre_info, caches, done
 
     import multiprocessing as mp
@@ -786,7 +793,7 @@ def _run_all(pre: RunSpec, specs: list[RunSpec], jobs: int, resume: bool,
             while pending and len(running) < jobs:
                 spec = pending.pop(0)
                 say(f"start {spec.name} ({spec.run_dir})")
-                running[pool.submit(_in_worker, execute, spec, None, resume)] = spec
+                running[pool.submit(_in_worker, execute, spec, None, resume, hits)] = spec
             finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for f in finished:
                 running.pop(f)
@@ -796,7 +803,10 @@ def _run_all(pre: RunSpec, specs: list[RunSpec], jobs: int, resume: bool,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kclip.eval.comparison", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m kclip.eval.comparison",
+                                description="The paper's comparison on the embedded default: arms (a) contrastive, "
+                                            "(b) Knowledge-CLIP, (c) shuffled teacher, (d) oracle teacher from one "
+                                            "pretrained start, paired seeds, 95%% intervals (see kclip.eval.comparison)")
     p.add_argument("--out", required=True, help="results folder (comparison.json, comparison.md, runs/)")
     p.add_argument("--teachers", nargs="+", default=["minilm"],
                    help=f"teacher labels ({', '.join(TEACHERS)}) or label=teacher.name")
@@ -814,7 +824,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=DEFAULTS["jobs"], help="runs at a time (worker processes)")
     p.add_argument("--threads", type=int, default=DEFAULTS["threads"], help="torch threads per run")
     p.add_argument("--no-resume", action="store_true", help="rerun finished runs")
-    p.add_argument("--no-bootstrap", action="store_true", help="skip the per-image paired bootstrap")
+    p.add_argument("--no-bootstrap", action="store_true",
+                   help="skip the per-image paired bootstrap (and the per-image hits it needs)")
     args = p.parse_args(argv)
     command = "python -m kclip.eval.comparison " + shlex.join(list(sys.argv[1:] if argv is None else argv))
     run_comparison(args.out, teachers=args.teachers, seeds=args.seeds, epochs=args.epochs,
