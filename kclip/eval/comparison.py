@@ -37,8 +37,11 @@ Outputs (atomic, ``kclip.atomic``): ``comparison.json`` (everything, per-seed va
 ``comparison.md`` (the exact command, git revision, library versions, machine, wall and CPU time, then per
 teacher a table arm x metric and a table of paired differences with intervals). Each finished run keeps its
 report in ``<run_dir>/comparison_result.json`` and its per-image hits in ``per_image.npz``; a rerun of the same
-command reuses them (runs are keyed by their config, so a changed budget runs anew). ``--jobs N`` runs N runs
-at a time in worker processes of ``--threads`` torch threads each (2 idle cores: ``--jobs 2 --threads 1``).
+command reuses them (runs are keyed by their config, so a changed budget runs anew); a finished run's DeepSpeed
+checkpoints are deleted (``--keep-checkpoints`` keeps them), and ``<out>/.gitignore`` keeps the runs, the
+phase-1 start and the caches out of git, so committing ``<out>`` commits the two result files. ``--jobs N``
+runs N runs at a time in worker processes of ``--threads`` torch threads each (2 idle cores: ``--jobs 2
+--threads 1``, the default).
 
 CLI (also ``kclip compare ...``)::
 
@@ -54,6 +57,7 @@ import os
 import platform
 import resource
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -332,8 +336,10 @@ def load_hits(path: str | Path) -> dict[str, tuple]:
         return {k: (z[f"{k}::num"], z[f"{k}::den"]) for k in keys}
 
 
-def execute(spec: RunSpec, run_fn: Callable | None = None, resume: bool = True, hits: bool = True) -> RunResult:
-    """Run (or reuse) one comparison run and record its per-image hits; safe to call in a worker process."""
+def execute(spec: RunSpec, run_fn: Callable | None = None, resume: bool = True, hits: bool = True,
+            keep_checkpoints: bool = False) -> RunResult:
+    """Run (or reuse) one comparison run and record its per-image hits; safe to call in a worker process.
+    A finished run's DeepSpeed checkpoints are deleted unless ``keep_checkpoints``."""
     import torch
 
     if spec.threads:
@@ -360,6 +366,9 @@ def execute(spec: RunSpec, run_fn: Callable | None = None, resume: bool = True, 
         result.hits_path = path
         result.hits_problems = _check_hits(load_hits(path), flatten_metrics(report["models"]["after"]))
     result.seconds, result.cpu_seconds = time.perf_counter() - t0, _cpu_seconds() - c0
+    if not keep_checkpoints and (spec.run_dir / "train_done.json").is_file():
+        # only an unfinished training resumes from them; a finished run keeps its exported student (~230 MB saved)
+        shutil.rmtree(spec.run_dir / "checkpoints", ignore_errors=True)
     if not reused:  # what the run cost, hits included (a reused run keeps the times of the invocation that made it)
         report.setdefault("ablation", {}).update(seconds=result.seconds, cpu_seconds=result.cpu_seconds,
                                                  threads=spec.threads)
@@ -411,7 +420,7 @@ def _pretrain_spec(out_dir: Path, base_config: str | None, common: Sequence[str]
                    stages=("teach", "concepts", "train"))
 
 
-def pretrain(spec: RunSpec, resume: bool = True) -> dict:
+def pretrain(spec: RunSpec, resume: bool = True, keep_checkpoints: bool = False) -> dict:
     """Build (or reuse) the phase-1 student (``<run_dir>/student.safetensors``); returns {seconds, cpu_seconds,
     threads, reused} (the times of the invocation that built it)."""
     import torch
@@ -429,6 +438,8 @@ def pretrain(spec: RunSpec, resume: bool = True) -> dict:
     run(load_config(spec.base_config, spec.overrides), stages=spec.stages, progress=spec.progress)
     info = {"seconds": time.perf_counter() - t0, "cpu_seconds": _cpu_seconds() - c0, "threads": spec.threads}
     atomic_write_json(info_path, info)
+    if not keep_checkpoints:
+        shutil.rmtree(spec.run_dir / "checkpoints", ignore_errors=True)
     return {**info, "reused": False}
 
 
@@ -621,7 +632,8 @@ def run_comparison(out_dir: str | Path, teachers: Sequence[str] = ("minilm",), s
                    text_em_steps: int = DEFAULTS["text_em_steps"], arms: Sequence[str] = tuple(ARMS),
                    base_config: str | None = None, extra_overrides: Sequence[str] = (), jobs: int = 1,
                    threads: int = 1, resume: bool = True, command: str | None = None, progress: bool = True,
-                   bootstrap: bool = True, log: Callable[[str], None] | None = None) -> dict:
+                   bootstrap: bool = True, keep_checkpoints: bool = False,
+                   log: Callable[[str], None] | None = None) -> dict:
     """Run the comparison (phase 1 once, then every phase-2 run), summarise, write comparison.json/.md.
 
     Args:
@@ -635,6 +647,8 @@ def run_comparison(out_dir: str | Path, teachers: Sequence[str] = ("minilm",), s
         base_config: a preset or YAML (None: the embedded default); extra_overrides: ``key=value`` for every run.
         jobs: runs at a time (worker processes; 1 = in this process); threads: torch threads per run.
         resume: reuse finished runs (their result files) and the phase-1 student.
+        bootstrap: per-image hits and the paired image bootstrap; keep_checkpoints: keep finished runs'
+            DeepSpeed checkpoints (deleted by default: ~230 MB a run, only an unfinished training needs them).
 
     Returns:
         the comparison dict (also written as comparison.json).
@@ -665,7 +679,7 @@ def run_comparison(out_dir: str | Path, teachers: Sequence[str] = ("minilm",), s
              str(n_val_images), "--text-em-steps", str(text_em_steps), "--arms", *[a for a in ARMS if a in arms],
              *(["--config", base_config] if base_config else []), *[x for o in extra_overrides for x in ("--set", o)],
              "--jobs", str(jobs), "--threads", str(threads)] + ([] if resume else ["--no-resume"])
-            + ([] if bootstrap else ["--no-bootstrap"]))
+            + ([] if bootstrap else ["--no-bootstrap"]) + (["--keep-checkpoints"] if keep_checkpoints else []))
 
     pre = _pretrain_spec(out_dir, base_config, list(extra_overrides), pretrain_epochs, pretrain_images, threads)
     pre.progress = progress and jobs <= 1
@@ -674,7 +688,8 @@ def run_comparison(out_dir: str | Path, teachers: Sequence[str] = ("minilm",), s
                       [a for a in ARMS if a in arms], [*common, f"train.epochs={epochs}"], threads)
     say(f"phase 1: the pretrained start in {pre.run_dir} ({pretrain_epochs} epochs, {pretrain_images} images); "
         f"phase 2: {len(specs)} runs, {jobs} at a time")
-    pre_info, caches, results = _run_all(pre, specs, jobs, resume, say, hits=bootstrap)
+    pre_info, caches, results = _run_all(pre, specs, jobs, resume, say, hits=bootstrap,
+                                         keep_checkpoints=keep_checkpoints)
 
     summary = summarize(results, list(teacher_overrides), seeds, [a for a in ARMS if a in arms], bootstrap)
     runs = [{"name": r.spec.name, "arm": r.spec.arm, "teacher": r.spec.teacher, "seed": r.spec.seed,
@@ -695,6 +710,8 @@ def run_comparison(out_dir: str | Path, teachers: Sequence[str] = ("minilm",), s
         "teacher_caches_built": caches, "jobs": jobs, "threads": threads,
         "teachers": summary, "runs": runs,
     }
+    # what is committed: comparison.json / .md; the runs, the phase-1 start and the caches are not
+    atomic_write_text(out_dir / ".gitignore", "runs/\npretrain-*/\nteacher_cache/\n")
     atomic_write_json(out_dir / "comparison.json", _clean(result), sort_keys=False)
     atomic_write_text(out_dir / "comparison.md", render_markdown(result))
     say(f"wrote {out_dir / 'comparison.md'} and comparison.json ({result['wall_seconds']:.0f} s)")
@@ -741,7 +758,7 @@ def _in_worker(fn, *args):
 
 
 def _run_all(pre: RunSpec, specs: list[RunSpec], jobs: int, resume: bool, say: Callable[[str], None],
-             hits: bool = True) -> tuple[dict, list, list[RunResult]]:
+             hits: bool = True, keep_checkpoints: bool = False) -> tuple[dict, list, list[RunResult]]:
     """Phase 1, then every run: in this process (jobs = 1), or ``jobs`` at a time in worker processes, where the
     teacher caches are built beside phase 1 (one run per cache embeds it first) and the runs follow."""
     n = len(specs)
@@ -773,10 +790,10 @@ def _run_all(pre: RunSpec, specs: list[RunSpec], jobs: int, resume: bool, say: C
     if jobs <= 1:
         for s in todo.values():
             taught(_teach(s))
-        pre_info = pretrained(pretrain(pre, resume))
+        pre_info = pretrained(pretrain(pre, resume, keep_checkpoints))
         for spec in specs:
             say(f"[{len(done) + 1}/{n}] {spec.name}: {'checking' if resume else 'running'} ({spec.run_dir})")
-            report(execute(spec, resume=resume, hits=hits))
+            report(execute(spec, resume=resume, hits=hits, keep_checkpoints=keep_checkpoints))
         return pre_info, caches, done
 
     import multiprocessing as mp
@@ -784,7 +801,7 @@ def _run_all(pre: RunSpec, specs: list[RunSpec], jobs: int, resume: bool, say: C
 
     with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
         teach = [pool.submit(_in_worker, _teach, s) for s in todo.values()]
-        pre_future = pool.submit(_in_worker, pretrain, pre, resume)
+        pre_future = pool.submit(_in_worker, pretrain, pre, resume, keep_checkpoints)
         for f in teach:
             taught(f.result())
         pre_info = pretrained(pre_future.result())
@@ -793,7 +810,7 @@ def _run_all(pre: RunSpec, specs: list[RunSpec], jobs: int, resume: bool, say: C
             while pending and len(running) < jobs:
                 spec = pending.pop(0)
                 say(f"start {spec.name} ({spec.run_dir})")
-                running[pool.submit(_in_worker, execute, spec, None, resume, hits)] = spec
+                running[pool.submit(_in_worker, execute, spec, None, resume, hits, keep_checkpoints)] = spec
             finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for f in finished:
                 running.pop(f)
@@ -826,13 +843,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-resume", action="store_true", help="rerun finished runs")
     p.add_argument("--no-bootstrap", action="store_true",
                    help="skip the per-image paired bootstrap (and the per-image hits it needs)")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep finished runs' DeepSpeed checkpoints")
     args = p.parse_args(argv)
     command = "python -m kclip.eval.comparison " + shlex.join(list(sys.argv[1:] if argv is None else argv))
     run_comparison(args.out, teachers=args.teachers, seeds=args.seeds, epochs=args.epochs,
                    pretrain_epochs=args.pretrain_epochs, pretrain_images=args.pretrain_images,
                    n_val_images=args.val_images, text_em_steps=args.text_em_steps, arms=args.arms,
                    base_config=args.config, extra_overrides=args.extra, jobs=args.jobs, threads=args.threads,
-                   resume=not args.no_resume, command=command, bootstrap=not args.no_bootstrap)
+                   resume=not args.no_resume, command=command, bootstrap=not args.no_bootstrap,
+                   keep_checkpoints=args.keep_checkpoints)
     print((Path(args.out) / "comparison.md").read_text())
     return 0
 
