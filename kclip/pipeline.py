@@ -589,7 +589,8 @@ def stage_eval(ctx: StageContext) -> dict | None:
             "after": ClipEncoders("after", after[0], after[2], after[3], dist.device, cfg.eval.batch_size),
         }
         teacher = CachedTeacherTexts(f"teacher:{cfg.teacher.name}",
-                                     [(ctx.targets(s, shuffled=False), ctx.splits[s].captions) for s in ("val", "train")])
+                                     [(ctx.targets(s, shuffled=False), ctx.splits[s].captions)
+                                      for s in ("val", "train")])
         synthetic = run_dir / "data" if cfg.data.source == "synthetic" else None
         _, train_spec, val_spec = data_paths(cfg, run_dir)
         data = index_eval_data(ctx.splits["val"], ctx.splits["train"], synthetic_dir=synthetic,

@@ -823,7 +823,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m kclip.eval.comparison",
                                 description="The paper's comparison on the embedded default: arms (a) contrastive, "
                                             "(b) Knowledge-CLIP, (c) shuffled teacher, (d) oracle teacher from one "
-                                            "pretrained start, paired seeds, 95%% intervals (see kclip.eval.comparison)")
+                                            "pretrained start, paired seeds, 95%% intervals "
+                                            "(see kclip.eval.comparison)")
     p.add_argument("--out", required=True, help="results folder (comparison.json, comparison.md, runs/)")
     p.add_argument("--teachers", nargs="+", default=["minilm"],
                    help=f"teacher labels ({', '.join(TEACHERS)}) or label=teacher.name")
