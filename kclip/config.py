@@ -45,6 +45,9 @@ class SyntheticConfig:
     image_size: int = 32
     heldout_combos: int = 4      # (colour, shape) pairs that never appear in training images
     seed: int = 0
+    # seed of the held-out combinations (null = seed): another image seed with the same held-out combos gives a
+    # second, disjointly drawn set with the same compositional split (the comparison's pretraining set)
+    heldout_seed: Optional[int] = None
 
     def __post_init__(self):
         for k in ("n_train_images", "n_val_images", "captions_per_image", "image_size"):
@@ -138,6 +141,10 @@ class LossConfig:
     # is fitted by L_emb alone) | shared (W_e, trained by both terms) | separate (an image projector of its
     # own). Chosen by measurement: README "Does it distill?".
     concept_path: str = "stopgrad"
+    # A control: permute the training captions' teacher rows (a fixed permutation seeded by ``seed``) before
+    # k-means, C and L_emb see them: same loss sizes, no caption-specific knowledge. Validation rows (held-out
+    # R^2, the report's teacher column) stay true.
+    shuffle_teacher: bool = False
 
     def __post_init__(self):
         _choice("loss.concept_path", self.concept_path, ("stopgrad", "shared", "separate"))

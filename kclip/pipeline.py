@@ -57,7 +57,7 @@ from kclip.config import Config, to_dict, to_yaml
 from kclip.data import PairIndex, build_index
 from kclip.distributed import DistInfo, barrier, broadcast_object, setup
 from kclip.stamps import file_digest, input_changes, make_stamp, read_stamp, short, upstream_changes, write_stamp
-from kclip.targets import TeacherTargets
+from kclip.targets import TeacherTargets, shuffle_permutation
 
 STAGES = ("teach", "concepts", "train", "eval")
 DEPENDS = {"teach": (), "concepts": ("teach",), "train": ("teach", "concepts"), "eval": ("teach", "concepts", "train")}
@@ -68,11 +68,15 @@ COST = {"teach": "embedding every caption with the teacher again", "train": "tra
 # The config keys each stage consumes (a trailing "." is a whole section). Keys that change how, not what,
 # a stage computes are left out: logging/checkpoint cadence, loader workers, token_budget/shard_size, batch
 # sizes of evaluation, torch.compile, gradient checkpointing.
-CONCEPTS_KEYS = ("seed", "concepts.", "loss.target_norm", "model.name", "model.pretrained")
+CONCEPTS_KEYS = ("seed", "concepts.", "loss.target_norm", "loss.shuffle_teacher", "model.name", "model.pretrained")
 TRAIN_KEYS = ("seed", "model.", "loss.", "train.")
 TRAIN_IGNORED = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.compile",
                  "model.grad_checkpointing")
 EVAL_KEYS = ("data.source", "eval.cub_root", "eval.awa2_root", "eval.text_em_steps")
+
+# Keys added after stamps existed, recorded only when they differ from this value: outputs stamped before the key
+# existed (made with that value) stay current, and turning the key on or off is still a change.
+RECORDED_IF_NOT = {"loss.shuffle_teacher": False}
 
 CONFIG_FILE = "config.yaml"
 RUNS_LOG = "runs.jsonl"
@@ -127,7 +131,7 @@ def prepare_data(cfg: Config, run_dir: Path, dist: DistInfo,
                 from kclip.synthetic import generate
                 s = cfg.data.synthetic
                 generate(run_dir / "data", s.n_train_images, s.n_val_images, s.captions_per_image, s.image_size,
-                         s.heldout_combos, s.seed, progress=progress)
+                         s.heldout_combos, s.seed, progress=progress, heldout_seed=s.heldout_seed)
             index(train_spec, "train")
             if val_spec:
                 index(val_spec, "val")
@@ -282,11 +286,20 @@ class StageContext:
     _targets: dict = field(default_factory=dict, repr=False)
     _pairs: dict = field(default_factory=dict, repr=False)
 
-    def targets(self, split: str) -> TeacherTargets:
-        """The split's teacher targets as the method sees them (``loss.target_norm``), built once."""
-        if split not in self._targets:
-            self._targets[split] = TeacherTargets(self.caches[split], self.cfg.loss.target_norm)
-        return self._targets[split]
+    def targets(self, split: str, shuffled: bool = True) -> TeacherTargets:
+        """The split's teacher targets as the method sees them (``loss.target_norm``), built once.
+
+        With ``loss.shuffle_teacher`` the training split's rows are permuted (a fixed permutation seeded by
+        ``seed``) here, so k-means, C and L_emb all see the same shuffled rows; ``shuffled=False`` gives the
+        true rows (the report's teacher column). Validation rows are never shuffled.
+        """
+        shuffle = shuffled and split == "train" and self.cfg.loss.shuffle_teacher
+        key = (split, shuffle)
+        if key not in self._targets:
+            cache = self.caches[split]
+            rows = shuffle_permutation(len(cache), self.cfg.seed) if shuffle else None
+            self._targets[key] = TeacherTargets(cache, self.cfg.loss.target_norm, rows=rows)
+        return self._targets[key]
 
     def pairs_identity(self, split: str) -> dict:
         if split not in self._pairs:
@@ -337,6 +350,9 @@ def stage_inputs(stage: str, ctx: StageContext) -> tuple[dict, dict]:
         inputs.update(_pick(cfg, EVAL_KEYS))
         inputs.update(ctx.pairs_identity("val"))
         upstream["train"] = _output_digest("train", run_dir)
+    for key, value in RECORDED_IF_NOT.items():
+        if key in inputs and inputs[key] == value:
+            del inputs[key]
     return inputs, upstream
 
 
@@ -462,6 +478,19 @@ def _teacher_kwargs(cfg: Config) -> dict:
                 revision=t.revision or None, trust_remote_code=t.trust_remote_code, token_budget=t.token_budget)
 
 
+def _load_teacher(cfg: Config, device):
+    """The teacher of ``teacher.name``: the synthetic set's oracle (:mod:`kclip.oracle`), or a model."""
+    from kclip.oracle import is_oracle, load_oracle
+    from kclip.teacher import load_teacher
+
+    if is_oracle(cfg.teacher.name):
+        if cfg.data.source != "synthetic":
+            raise ValueError(f"teacher.name {cfg.teacher.name!r} encodes the attributes of the built-in synthetic "
+                             f"set's captions; data.source is {cfg.data.source!r}: use a model teacher")
+        return load_oracle(cfg.teacher.name, device=device, **_teacher_kwargs(cfg))
+    return load_teacher(cfg.teacher.name, device=device, **_teacher_kwargs(cfg))
+
+
 def plan_teach(ctx: StageContext, requested: bool, explicit: set) -> dict:
     """split -> Decision for the teacher caches (their manifests are their stamps)."""
     from kclip.cache import Manifest, cache_is_complete
@@ -484,7 +513,6 @@ def stage_teach(ctx: StageContext, todo: dict) -> None:
     """Embed the captions of the splits in ``todo`` (split -> Decision) once with the teacher (shards split
     across ranks); a resumed cache recomputes only its missing shards."""
     from kclip.cache import build_cache
-    from kclip.teacher import load_teacher
 
     cfg, dist = ctx.cfg, ctx.dist
     todo = {s: d for s, d in todo.items() if d.action in ("build", "resume", "rebuild")}
@@ -495,7 +523,7 @@ def stage_teach(ctx: StageContext, todo: dict) -> None:
         _clear("teach", ctx)
     barrier()
     t0 = time.perf_counter()
-    teacher = load_teacher(cfg.teacher.name, device=dist.device, **_teacher_kwargs(cfg))
+    teacher = _load_teacher(cfg, dist.device)
     for split in todo:
         index = ctx.splits[split]
         build_cache(teacher, index.captions, teacher_cache_dir(cfg, ctx.run_dir) / split,
@@ -580,7 +608,8 @@ def stage_eval(ctx: StageContext) -> dict | None:
             "after": ClipEncoders("after", after[0], after[2], after[3], dist.device, cfg.eval.batch_size),
         }
         teacher = CachedTeacherTexts(f"teacher:{cfg.teacher.name}",
-                                     [(ctx.targets(s), ctx.splits[s].captions) for s in ("val", "train")])
+                                     [(ctx.targets(s, shuffled=False), ctx.splits[s].captions)
+                                      for s in ("val", "train")])
         synthetic = run_dir / "data" if cfg.data.source == "synthetic" else None
         _, train_spec, val_spec = data_paths(cfg, run_dir)
         data = index_eval_data(ctx.splits["val"], ctx.splits["train"], synthetic_dir=synthetic,

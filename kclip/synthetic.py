@@ -107,27 +107,34 @@ def render(scene: Scene, size: int, rng: np.random.Generator):
 
 
 def generate(out_dir: str | Path, n_train_images: int = 1200, n_val_images: int = 200, captions_per_image: int = 2,
-             image_size: int = 32, heldout: int = 4, seed: int = 0, progress: bool = True) -> dict:
+             image_size: int = 32, heldout: int = 4, seed: int = 0, progress: bool = True,
+             heldout_seed: int | None = None) -> dict:
     """Write the dataset to ``out_dir`` unless an identical one is already there; return its meta dict.
 
     Args:
         captions_per_image: phrasings per image, 1..4 (each is one pair/row).
         heldout: number of (colour, shape) combinations kept out of training.
+        seed: draws the scenes and renders the images.
+        heldout_seed: chooses the held-out combinations (None: ``seed``). Two sets with different ``seed`` and
+            the same ``heldout_seed`` hold different images but keep the same combinations out of training.
     """
     from tqdm.auto import tqdm
 
     if not 1 <= captions_per_image <= 4:
         raise ValueError(f"captions_per_image is {captions_per_image}; the generator has 1 to 4 phrasings")
     out_dir = Path(out_dir)
+    held_seed = seed if heldout_seed is None else int(heldout_seed)
     params = dict(version=GENERATOR_VERSION, n_train_images=n_train_images, n_val_images=n_val_images,
                   captions_per_image=captions_per_image, image_size=image_size, heldout=heldout, seed=seed)
+    if held_seed != seed:  # recorded only when it differs: sets made before the key existed keep their identity
+        params["heldout_seed"] = held_seed
     meta_path = out_dir / "meta.json"
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         if meta.get("params") == params:
             return meta
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    held = heldout_combos(heldout, seed)
+    held = heldout_combos(heldout, held_seed)
     held_set = set(held)
     rng = np.random.default_rng(seed)
     splits = {

