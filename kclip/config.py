@@ -137,17 +137,17 @@ class LossConfig:
     # default (bench/results/target_norm_tiny.md): at the default budget l2 is at least as good as the others;
     # it is also scale-free, which matters for teachers with outlier dimensions (Llama 2).
     target_norm: str = "l2"
-    # How L_conc projects image embeddings into the teacher space for C: stopgrad (W_e, gradient stopped: W_e
-    # is fitted by L_emb alone) | shared (W_e, trained by both terms) | separate (an image projector of its
-    # own). Chosen by measurement: README "Does it distill?".
-    concept_path: str = "stopgrad"
+    # How L_conc projects image embeddings into the teacher space for C: shared (W_e, trained by both terms: the
+    # paper's C(W_e(E_I(x)))) | stopgrad (W_e with its gradient stopped: W_e fitted by L_emb alone) | separate
+    # (an image projector of its own). Measured (README "Does it distill?"): shared fits the teacher best.
+    concept_path: str = "shared"
     # A control: permute the training captions' teacher rows (a fixed permutation seeded by ``seed``) before
     # k-means, C and L_emb see them: same loss sizes, no caption-specific knowledge. Validation rows (held-out
     # R^2, the report's teacher column) stay true.
     shuffle_teacher: bool = False
 
     def __post_init__(self):
-        _choice("loss.concept_path", self.concept_path, ("stopgrad", "shared", "separate"))
+        _choice("loss.concept_path", self.concept_path, ("shared", "stopgrad", "separate"))
         _choice("loss.contrastive_impl", self.contrastive_impl, ("triton", "reference"))
         _choice("loss.distill_impl", self.distill_impl, ("triton", "reference"))
         _choice("loss.target_norm", self.target_norm, ("l2", "standardize", "none"))

@@ -93,7 +93,7 @@ def capped_logit_scale(log_scale: torch.Tensor, max_scale: float = MAX_LOGIT_SCA
     return _CappedLogScale.apply(log_scale, math.log(max_scale)).exp()
 
 
-CONCEPT_PATHS = ("stopgrad", "shared", "separate")
+CONCEPT_PATHS = ("shared", "stopgrad", "separate")
 
 
 class KnowledgeHead(nn.Module):
@@ -104,19 +104,20 @@ class KnowledgeHead(nn.Module):
       squared error and its gradient; ``"reference"`` is the plain PyTorch form.
     - L_conc = CE(C(P(image)), s) with C frozen. ``concept_path`` chooses P, the projection of the image
       embedding into the teacher space that C classifies:
-        ``stopgrad`` (default): W_e with its gradient stopped: the image encoder learns to land where the
-            text projection puts the concept, while W_e is fitted by L_emb alone (C's large weights would
-            otherwise dominate W_e's gradient and pull it away from the teacher);
-        ``shared``: W_e itself, trained by both terms (the behaviour before the head existed);
+        ``shared`` (default, the paper's C(W_e(E_I(x)))): W_e itself, trained by both terms;
+        ``stopgrad``: W_e with its gradient stopped (W_e fitted by L_emb alone; the image encoder still
+            learns to land where the text projection puts the concept);
         ``separate``: an image projector of its own (same shape as W_e), trained by L_conc only.
-      The choice was made by measurement on the embedded default (README: "Does it distill?").
+      The worry that C's large weights would let L_conc pull W_e away from the teacher was measured, not
+      assumed: on the embedded default (12 epochs, seed 0) the held-out R^2 of W_e(E_T(x)) ends at 0.76
+      shared, 0.71 stopgrad, 0.69 separate, in that order from epoch 2 on (README: "Does it distill?").
 
     W_e's weight and bias are parameters of this module itself (not of an ``nn.Linear`` child): the fused
     kernel reads them as GEMM operands inside this forward, which is where ZeRO-3 gathers a module's own
     parameters (as Liger-Kernel's fused-linear modules own their weight). C is frozen and kept as buffers.
     """
 
-    def __init__(self, dim: int, teacher_dim: int, num_concepts: int, concept_path: str = "stopgrad",
+    def __init__(self, dim: int, teacher_dim: int, num_concepts: int, concept_path: str = "shared",
                  distill_impl: str = "triton"):
         super().__init__()
         if concept_path not in CONCEPT_PATHS:
@@ -187,7 +188,7 @@ class KnowledgeClip(nn.Module):
     DeepSpeed engine can wrap the model directly at every ZeRO stage.
     """
 
-    def __init__(self, clip: nn.Module, teacher_dim: int, num_concepts: int, concept_path: str = "stopgrad",
+    def __init__(self, clip: nn.Module, teacher_dim: int, num_concepts: int, concept_path: str = "shared",
                  distill_impl: str = "triton", max_logit_scale: float = MAX_LOGIT_SCALE):
         super().__init__()
         if clip.logit_scale.ndim == 0:

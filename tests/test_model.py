@@ -11,7 +11,7 @@ from kclip.model import MAX_LOGIT_SCALE, KnowledgeClip, KnowledgeHead, build_cli
 D, D_T, K, B = 16, 24, 5, 7
 
 
-def _head(path="stopgrad", impl="triton", seed=0):
+def _head(path="shared", impl="triton", seed=0):
     torch.manual_seed(seed)
     head = KnowledgeHead(D, D_T, K, concept_path=path, distill_impl=impl)
     head.load_concept_classifier(torch.randn(K, D_T) * 3, torch.randn(K))
