@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kclip.atomic import atomic_write_text
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 INDEX_VERSION = 1
 
@@ -260,10 +262,8 @@ def build_index(source: str, spec: str, image_column: str = "image", caption_col
                       sources=[str(f) for f in files])
     if cache_path is not None:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_name(cache_path.name + ".tmp")
-        tmp.write_text(json.dumps({"settings": settings, "pairs": [asdict(p) for p in good],
-                                   "skipped": index.skipped, "skipped_examples": index.skipped_examples}))
-        os.replace(tmp, cache_path)
+        atomic_write_text(cache_path, json.dumps({"settings": settings, "pairs": [asdict(p) for p in good],
+                                                  "skipped": index.skipped, "skipped_examples": index.skipped_examples}))
     return index
 
 

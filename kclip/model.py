@@ -48,10 +48,39 @@ def build_clip(name: str, pretrained: str = "", seed: int | None = None, device=
         raise FileNotFoundError(f"model.pretrained {pretrained!r} does not exist")
     if seed is not None:
         torch.manual_seed(seed)
-    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        name, pretrained=pretrained or None, device=device)
+    try:
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained or None, device=device)
+    except Exception as exc:
+        if pretrained and not os.path.isfile(pretrained) and _is_download_error(exc):
+            raise StudentWeightsError(
+                f"model.pretrained={pretrained!r} for model.name={name!r}: open_clip could neither find these weights "
+                f"in the local cache nor download them ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
+                "Online, open_clip downloads a pretrained tag into the Hugging Face cache on first use; offline "
+                "(HF_HUB_OFFLINE=1, or no network) the weights must already be there: run once with network, or "
+                "set model.pretrained to a local .safetensors/.bin/.pt file.") from exc
+        raise
     tokenizer = open_clip.get_tokenizer(name)
     return model, preprocess_train, preprocess_val, tokenizer
+
+
+class StudentWeightsError(RuntimeError):
+    """The student's pretrained weights could not be found locally nor downloaded."""
+
+
+def _is_download_error(exc: BaseException) -> bool:
+    """True for the errors a missing network / offline Hub cache raises (through open_clip)."""
+    import urllib.error
+
+    try:
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+        hub = (HfHubHTTPError, LocalEntryNotFoundError)
+    except ImportError:  # older huggingface_hub
+        hub = ()
+    if isinstance(exc, (*hub, urllib.error.URLError, ConnectionError, TimeoutError)):
+        return True
+    text = str(exc).lower()
+    return any(w in text for w in ("offline", "connection", "network", "resolve host", "cannot find the requested files"))
 
 
 def clip_embed_dim(clip: nn.Module) -> int:

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from kclip import __version__
+from kclip.atomic import atomic_write_text
 from kclip.config import Config, to_dict, to_yaml
 from kclip.data import PairIndex, build_index
 from kclip.distributed import DistInfo, barrier, broadcast_object, setup
@@ -680,9 +681,7 @@ def _record_invocation(ctx: StageContext, stages, rebuild, plan: dict) -> None:
     """config.yaml (the latest invocation) and one line of runs.jsonl per invocation (rank 0)."""
     if not ctx.dist.is_main:
         return
-    tmp = ctx.run_dir / f".{CONFIG_FILE}.tmp"
-    tmp.write_text(to_yaml(ctx.cfg))
-    os.replace(tmp, ctx.run_dir / CONFIG_FILE)
+    atomic_write_text(ctx.run_dir / CONFIG_FILE, to_yaml(ctx.cfg))
     line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stages": list(stages), "rebuild": sorted(rebuild),
             "kclip_version": __version__,
             "plan": {k: {"action": d.action, "reasons": d.reasons} for k, d in plan.items()},

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
@@ -60,12 +59,12 @@ def make_stamp(stage: str, inputs: Mapping[str, Any], upstream: Mapping[str, Any
 
 
 def write_stamp(path: str | Path, stamp: Mapping) -> None:
-    """Write atomically (temp file in the same folder, then ``os.replace``)."""
+    """Write atomically (``kclip.atomic``)."""
+    from kclip.atomic import atomic_write_text
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(stamp, indent=1, sort_keys=True, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(stamp, indent=1, sort_keys=True, default=str) + "\n")
 
 
 def short(value: Any) -> str:

@@ -89,3 +89,26 @@ def test_student_forward_and_export_cap(tmp_path):
     register_model_configs()
     loaded = open_clip.create_model("kclip-tiny", pretrained=str(path))
     assert float(loaded.logit_scale.exp()) == pytest.approx(MAX_LOGIT_SCALE, rel=1e-5)
+
+
+def test_student_download_failure_says_what_to_do(monkeypatch):
+    """A pretrained tag that is neither cached nor downloadable (offline) gets a clear error; other errors pass."""
+    import open_clip
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from kclip.model import StudentWeightsError
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("Cannot find the requested files in the disk cache and outgoing traffic "
+                                      "has been disabled.")
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", offline)
+    with pytest.raises(StudentWeightsError, match="HF_HUB_OFFLINE=1.*local .safetensors"):
+        build_clip("ViT-B-32", "openai")
+
+    def unknown_tag(*args, **kwargs):
+        raise RuntimeError("Pretrained weights (nope) not found for model ViT-B-32. Available pretrained tags: ...")
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", unknown_tag)
+    with pytest.raises(RuntimeError, match="Available pretrained tags"):  # open_clip's own message stays
+        build_clip("ViT-B-32", "nope")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -87,11 +86,12 @@ def _clean(obj):
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
+    """``kclip.atomic.atomic_write_text``, creating the folder first."""
+    from kclip import atomic
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic.atomic_write_text(path, text)
 
 
 def _fmt(v) -> str:
@@ -253,10 +253,11 @@ def plot_report(report: Mapping, out_png: str | Path, keys: list[str] | None = N
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.name}.{os.getpid()}.tmp")
-    fig.savefig(tmp, format="png", dpi=120)
+    from kclip.atomic import atomic_path
+
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, out_png)
 
 
 def write_report(report: Mapping, out_dir: str | Path) -> dict[str, Path]:
