@@ -688,6 +688,7 @@ def run_comparison(out_dir: str | Path, teachers: Sequence[str] = ("minilm",), s
                       [a for a in ARMS if a in arms], [*common, f"train.epochs={epochs}"], threads)
     say(f"phase 1: the pretrained start in {pre.run_dir} ({pretrain_epochs} epochs, {pretrain_images} images); "
         f"phase 2: {len(specs)} runs, {jobs} at a time")
+    git_rev = _git_rev()  # the code the runs start from (read now: commits made during a long run do not count)
     pre_info, caches, results = _run_all(pre, specs, jobs, resume, say, hits=bootstrap,
                                          keep_checkpoints=keep_checkpoints)
 
@@ -698,7 +699,7 @@ def run_comparison(out_dir: str | Path, teachers: Sequence[str] = ("minilm",), s
              "cpu_seconds": (r.report.get("ablation") or {}).get("cpu_seconds"),
              "metrics": run_metrics(r.report), "hits_problems": r.hits_problems} for r in results]
     result = {
-        "command": command, "git_rev": _git_rev(), "versions": _versions(), "machine": _machine(),
+        "command": command, "git_rev": git_rev, "versions": _versions(), "machine": _machine(),
         "wall_seconds": time.perf_counter() - t0, "cpu_seconds": _cpu_seconds() - c0 + _children_cpu(),
         "runs_seconds": sum(r["seconds"] or 0.0 for r in runs) + (pre_info.get("seconds") or 0.0),
         "n_runs_reused": sum(r["reused"] for r in runs),
