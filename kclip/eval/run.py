@@ -34,7 +34,7 @@ import torch
 
 from . import compositional, concept_stats, retrieval, text_em, zeroshot
 from .encoders import encode_images, encode_texts, encoder_name
-from .report import format_table, write_report
+from .report import write_report
 from .synthetic_split import SyntheticSplit, read_split
 
 DEFAULT_TEXT_EM_STEPS = 300
@@ -413,7 +413,5 @@ def run_eval(models: Mapping[str, object], data: EvalData | str | Path, out_dir:
         "awa2_root": str(awa2_root) if awa2_root else None,
         "runtime_s": time.perf_counter() - t0,
     }
-    write_report(report, out_dir)
-    if progress:
-        print(format_table(report), file=sys.stderr)
+    write_report(report, out_dir)  # the caller prints format_table(report) (the pipeline does, once)
     return report
