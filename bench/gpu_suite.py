@@ -218,6 +218,10 @@ def _junit_counts(xml_path: Path) -> dict:
     return out
 
 
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "GROUP_RANK", "ROLE_RANK", "CROSS_RANK", "CROSS_SIZE")
+
+
 def run_suite(steps: list[Step], budget_s: float, out: Path, quick: bool = False, pack_dir: Path | None = None,
               python: str | None = None) -> dict:
     """Run ``steps`` in order within ``budget_s`` seconds; returns the suite record (also ``<out>/suite.json``)."""
@@ -228,6 +232,11 @@ def run_suite(steps: list[Step], budget_s: float, out: Path, quick: bool = False
     logs.mkdir(exist_ok=True)
     tee = Tee(out / "suite.log")
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    # every step is its own one-process job that makes its own process group: a launcher's rank variables
+    # inherited from the caller (a parent that called kclip.distributed.setup, a shell under torchrun) would
+    # point the step at a store that the parent holds or that no longer exists
+    for var in LAUNCHER_VARS:
+        env.pop(var, None)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
     if quick:
         env["TRITON_INTERPRET"] = "1"

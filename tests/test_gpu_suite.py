@@ -140,11 +140,21 @@ def test_target_rows_pass_and_fail(tmp_path):
 
 def test_quick_dry_run_runs_every_step(tmp_path):
     """The CI dry run: every step of the plan at --quick sizes on CPU, in one subprocess as a user runs it."""
+    import torch.distributed as dist
+
     out, pack = tmp_path / "out", tmp_path / "pack"
-    env = dict(os.environ, KCLIP_GIT_REV="test-rev")
+    # a caller's stale launcher variables (as a process that called kclip.distributed.setup leaves them), the
+    # port held by this process's store: the steps must make their own process groups regardless
+    store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
+    env = dict(os.environ, KCLIP_GIT_REV="test-rev", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port))
     proc = subprocess.run([sys.executable, "-m", "bench.gpu_suite", "--quick", "--out", str(out), "--pack", str(pack)],
                           cwd=gpu_suite.REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    failed = [s["name"] for s in json.loads((out / "suite.json").read_text())["steps"] if s["status"] != "ok"] \
+        if (out / "suite.json").exists() else []
+    failed_logs = "".join(f"\n--- {name}.log\n" + (out / "logs" / f"{name}.log").read_text()[-3000:]
+                          for name in failed if (out / "logs" / f"{name}.log").exists())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-1000:] + failed_logs[-6000:]
     suite = json.loads((out / "suite.json").read_text())
     assert [s["name"] for s in suite["steps"]] == [s.name for s in gpu_suite.plan()]
     assert all(s["status"] == "ok" for s in suite["steps"]), suite["steps"]
