@@ -52,6 +52,8 @@ def _parse(argv):
     p.add_argument("--tune", action="store_true",
                    help="instead of the comparison: time the kernel under other launch configurations (TUNE_STATS, "
                         "TUNE_GRAD), each checked against the default configuration's loss and gradients")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile each impl (device vs host time per call, top kernels) into its record")
     p.add_argument("--results-dir", help="where the JSONL and the plot go (default bench/results)")
     return p.parse_args(argv)
 
@@ -209,6 +211,9 @@ def main(argv=None):
                     mem = harness.peak_memory_bytes(lambda: _step(fn, img, txt, s), device)
                     rec["peak_mem_bytes"] = mem
                     rec["peak_mem_mib"] = None if mem is None else mem / 2 ** 20
+                    if args.profile:
+                        rec["profile"] = harness.profile_fn(lambda: _step(fn, img, txt, s), device,
+                                                            rep=2 if args.quick else 5)
                 except Exception as exc:  # noqa: BLE001 - record and go on with the next impl/size
                     if harness.is_oom(exc):
                         rec["oom"] = True
@@ -229,6 +234,8 @@ def main(argv=None):
                 status = "OOM" if rec["oom"] else rec.get("error") or (
                     f"{rec['ms_median']:.3f} ms  mem={rec.get('peak_mem_mib')}")
                 print(f"N={n:>7} D={d:>4} {name:>8}: {status}", flush=True)
+                if rec.get("profile"):
+                    print(harness.format_profile(rec["profile"]), flush=True)
 
     out = log.path
     harness.plot_vs(records, "N", ["ms_median", "peak_mem_mib"], "series", Path(out).with_suffix(".png"),

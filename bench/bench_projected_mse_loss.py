@@ -15,6 +15,7 @@ median/p20/p80 ms, peak memory (GPU), OOM flag; the kernel record carries the ra
 
     python -m bench.bench_projected_mse_loss                 # GPU: B 256..65536, d 512/768, d' 4096, bf16
     python -m bench.bench_projected_mse_loss --quick --results-dir /tmp/r   # CPU smoke run (seconds)
+    python -m bench.bench_projected_mse_loss --batch-sizes 4096 --dims 512 --profile   # + where the time goes
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from bench.harness import RESULTS_DIR, ResultsLog, is_oom, peak_memory_bytes, plot_vs, provenance, time_fn
+from bench.harness import (RESULTS_DIR, ResultsLog, format_profile, is_oom, peak_memory_bytes, plot_vs, profile_fn,
+                           provenance, time_fn)
 
 NAME = "projected_mse_loss"
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -40,6 +42,8 @@ def _parse(argv):
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default bf16 (fp32 with --quick)")
     p.add_argument("--device", default=None, help="default cuda (cpu with --quick)")
     p.add_argument("--impls", nargs="+", choices=["kernel", "eager", "compile", "floor"], default=None)
+    p.add_argument("--profile", action="store_true",
+                   help="also profile each impl (device vs host time per call, top kernels) into its record")
     args = p.parse_args(argv)
     if args.quick:
         defaults = dict(batch_sizes=[64, 96], dims=[32], d_out=48, dtype="fp32", device="cpu",
@@ -83,12 +87,14 @@ def _step_fns(impls, x, w, b, t):
     return fns
 
 
-def _measure(impl, fn, device):
+def _measure(impl, fn, device, profile=False):
     try:
         fn()  # warm-up: autotuning / compilation happen here, not in the timings
         rec = time_fn(fn, device)
         rec["peak_mem_bytes"] = peak_memory_bytes(fn, device)
         rec["oom"] = False
+        if profile:
+            rec["profile"] = profile_fn(fn, device)
         return rec
     except Exception as exc:  # noqa: BLE001 - OOM (and compile failures) are results, everything else raises
         if is_oom(exc):
@@ -159,7 +165,9 @@ def main(argv=None):
             if x is not None:
                 kernel_path = "triton" if use_triton(x) else "reference"
                 for impl, fn in _step_fns(args.impls, x, w, b, t).items():
-                    record(impl, _measure(impl, fn, device))
+                    record(impl, _measure(impl, fn, device, args.profile))
+                    if shape_recs[impl].get("profile"):
+                        print(format_profile(shape_recs[impl]["profile"]), flush=True)
             else:
                 kernel_path = None
                 for impl in args.impls:

@@ -63,7 +63,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.harness import RESULTS_DIR, ResultsLog, is_oom, provenance
+from bench.harness import RESULTS_DIR, ResultsLog, format_profile, is_oom, profile_fn, provenance
 
 NAME = "train_step"
 IMPLS = ("kclip-fused", "kclip-reference", "openclip-style", "online-teacher", "kclip-zero1", "kclip-zero3")
@@ -397,6 +397,9 @@ def run_impl(impl: str, base: nn.Module, inputs: Inputs, args, dist, teacher_sha
         rec.update(time_steps(runner.step, device, warmup, steps))
         rec["run_s"] = time.perf_counter() - t_run
         rec["steps"], rec["warmup"] = steps, warmup
+        if args.profile:
+            calls = iter(range(warmup + steps, 10 ** 9))  # the next batches, as the timed loop would take them
+            rec["profile"] = profile_fn(lambda: runner.step(next(calls)), device, rep=2 if args.quick else 3)
         if device.type == "cuda":
             rec["peak_bytes"] = torch.cuda.max_memory_allocated(device) - baseline
         else:
@@ -433,6 +436,8 @@ def _parse(argv):
     p.add_argument("--num-concepts", type=int, default=None, help="K (default 1000)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (engine.compile for DeepSpeed)")
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile each impl's step (device vs host time, top kernels) into its record")
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=None, help="subset of impls (default all)")
     p.add_argument("--device", default=None, help="default: the rank's GPU, else cpu (--quick: cpu)")
     p.add_argument("--threads", type=int, default=None,
@@ -625,6 +630,8 @@ def _main(args) -> list[dict]:
                 print(f"[train_step] {name} {impl}: " + (rec.get("error") or f"{rec['ms_median']:.2f} ms/step, "
                       f"{rec['pairs_per_s']:.0f} pairs/s" + (f", MFU {rec['mfu']:.1%}" if rec.get("mfu") else "")),
                       flush=True)
+                if rec.get("profile"):
+                    print(format_profile(rec["profile"]), flush=True)
         del base, inputs
         _free(device)
     add_ratios(records)

@@ -22,7 +22,9 @@ How it keeps to the budget and loses nothing:
 - Records carry the git revision; where ``.git`` did not travel, from ``KCLIP_GIT_REV`` (set it when you
   launch: the suite passes it on to every step).
 - It ends with one table (``summary.md``, also printed): every performance target, the measured value, the
-  ratio to the target and PASS / FAIL / n/a, then the steps with their status and seconds.
+  ratio to the target and PASS / FAIL / n/a; then where the time goes for the profiled steps (``profile_*``:
+  each bench's ``--profile``, ``harness.profile_fn``: wall vs device-busy time per call, host- or
+  device-bound, the top kernel); then the steps with their status and seconds.
 
 ``--quick`` runs the same steps with each bench's ``--quick`` sizes on CPU (Triton kernels in the interpreter):
 the dry run that CI executes so the suite cannot rot. Its target table is marked as a dry run: CPU numbers
@@ -100,6 +102,24 @@ def plan() -> list[Step]:
              ["-m", b + "bench_teacher", "--precisions", "bf16,int8", "--num-captions", "1024", "--budgets", "16384",
               "--rep", "2"],
              ["-m", b + "bench_teacher", "--quick"], 80, 40, 150),
+        # Where the time goes (torch.profiler: device vs host time per call, top kernels) for the three gaps
+        # the first H200 run showed: projected-MSE 11x its floor, contrastive 5-10% of the ceiling, train step
+        # 0.45x the open_clip-style step.
+        Step("profile_projected_mse", "profile projected_mse_loss B 4096, d 512, d' 4096: kernel, eager, floor",
+             ["-m", b + "bench_projected_mse_loss", "--batch-sizes", "4096", "--dims", "512", "--d-out", "4096",
+              "--impls", "kernel", "eager", "floor", "--profile"],
+             ["-m", b + "bench_projected_mse_loss", "--quick", "--batch-sizes", "64", "--impls", "kernel", "floor",
+              "--profile"], 20, 10, 60),
+        Step("profile_contrastive", "profile clip_contrastive_loss N 16384, D 768: kclip, eager",
+             ["-m", b + "bench_clip_contrastive_loss", "--ns", "16384", "--ds", "768", "--impls", "kclip", "eager",
+              "--profile"],
+             ["-m", b + "bench_clip_contrastive_loss", "--quick", "--ns", "64", "--impls", "kclip", "--profile"],
+             25, 10, 60),
+        Step("profile_train_step", "profile the ViT-B-32 b256 bf16 step: kclip fused/reference, open_clip-style",
+             ["-m", b + "bench_train_step", "--models", "ViT-B-32", "--batch-size", "256", "--steps", "10",
+              "--warmup", "5", "--impls", "kclip-fused", "kclip-reference", "openclip-style", "--profile"],
+             ["-m", b + "bench_train_step", "--quick", "--impls", "kclip-fused", "openclip-style", "--profile"],
+             45, 25, 100),
         Step("contrastive_tune", "clip_contrastive_loss launch configurations at N 32k, D 768/512 (each checked "
                                  "against the default's gradients)",
              ["-m", b + "bench_clip_contrastive_loss", "--tune", "--ns", "32768", "--ds", "768", "512"],
@@ -292,7 +312,7 @@ def run_suite(steps: list[Step], budget_s: float, out: Path, quick: bool = False
     finally:
         suite["seconds"] = round(time.monotonic() - t_start, 1)
         rows = target_rows(results, quick)
-        summary = render_summary(suite, rows)
+        summary = render_summary(suite, rows, profile_rows(results))
         suite["targets"] = rows
         _write_json(out / "suite.json", suite)
         (out / "summary.md").write_text(summary, encoding="utf-8")
@@ -465,7 +485,29 @@ def target_rows(results: Path, quick: bool = False) -> list[dict]:
     return rows
 
 
-def render_summary(suite: dict, rows: list[dict]) -> str:
+_PROFILE_WHERE = {"projected_mse_loss": ("B", "d", "d_out"), "clip_contrastive_loss": ("N", "D"),
+                  "train_step": ("model", "batch")}
+
+
+def profile_rows(results: Path) -> list[dict]:
+    """The newest profiled record (``--profile``) per bench, shape and impl: device vs host ms per call, top kernel."""
+    rows = {}
+    for bench, recs in load_results(results).items():
+        for r in recs:
+            prof = r.get("profile")
+            if not prof:
+                continue
+            top = prof["top"][0] if prof.get("top") else None
+            where = ", ".join(f"{k}={r.get(k)}" for k in _PROFILE_WHERE.get(bench, ()) if k in r)
+            rows[(bench, where, r.get("impl"))] = {  # a later record of the same key replaces an earlier one
+                "bench": bench, "impl": r.get("impl"), "where": where, "wall_ms": prof.get("wall_ms"),
+                "device_ms": prof["device_ms"], "host_ms": prof["host_ms"], "busy": prof.get("busy"),
+                "bound": prof.get("bound"),
+                "top": None if top is None else f"{top['name'][:60]} ({100 * (top['share'] or 0):.0f}%)"}
+    return list(rows.values())
+
+
+def render_summary(suite: dict, rows: list[dict], profiles: list[dict] | None = None) -> str:
     dry = suite.get("quick")
     lines = [f"# kclip GPU suite: {'DRY RUN on CPU (--quick): not performance numbers' if dry else 'results'}", "",
              f"git {suite.get('git')}, budget {suite.get('budget_s'):.0f} s, ran {suite.get('seconds', 0):.0f} s", ""]
@@ -480,6 +522,16 @@ def render_summary(suite: dict, rows: list[dict]) -> str:
         ratio = "–" if r["ratio"] is None else f"{r['ratio']:.2f}"
         status = r["status"] if not dry or r["status"] == "n/a" else "dry-run"
         lines.append(f"| {r['target']} | {r['where']} | {meas} | {goal.strip()} | {ratio} | {status} | {r['note']} |")
+    if profiles:
+        lines += ["", "Where the time goes (torch.profiler, per call; host-bound: the device is busy < 80% of the wall "
+                  "time, waiting for launches or syncs)", "",
+                  "| bench | where | impl | wall ms | device ms | host ms | device busy | bound | top kernel |",
+                  "|---|---|---|---:|---:|---:|---:|---|---|"]
+        fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
+        for p in profiles:
+            lines.append(f"| {p['bench']} | {p['where']} | {p['impl']} | {fmt(p['wall_ms'], '.3f')} | "
+                         f"{p['device_ms']:.3f} | {p['host_ms']:.3f} | {fmt(p['busy'], '.0%')} | {p['bound'] or '–'} | "
+                         f"{p['top'] or '–'} |")
     lines += ["", "| step | status | seconds | cap | note |", "|---|---|---:|---:|---|"]
     for s in suite.get("steps", []):
         note = s.get("reason", "")

@@ -100,6 +100,84 @@ def time_fn(fn: Callable[[], object], device: torch.device | str, warmup: int = 
     return {"ms_median": statistics.median(samples), "ms_p20": q[1], "ms_p80": q[7]}
 
 
+def profile_fn(fn: Callable[[], object], device: torch.device | str, rep: int = 5, top: int = 8) -> dict:
+    """Where one call of ``fn()`` spends its time: the device's busy time against the wall time, and the top ops.
+
+    Runs ``fn()`` once untimed, ``rep`` times timed, then ``rep`` times under ``torch.profiler``. Returns
+    ``{"activity", "rep", "wall_ms", "host_ms", "device_ms", "busy", "bound", "top": [{"name", "calls", "ms",
+    "share"}...]}``, all per call:
+
+    - ``wall_ms``: from the call to the device being done (drained before and after each call).
+    - ``host_ms``: until ``fn()`` returns, not waiting for the device at the end (but including any wait the
+      call makes itself, e.g. an ``.item()``).
+    - ``device_ms``: the summed self time of the device's kernels, copies and memsets (a GPU); on CPU the
+      summed self time of the aten ops (the CPU is then the device).
+    - ``busy`` = device_ms / wall_ms and ``bound``: "device" when the device is busy >= 80% of the wall time
+      (faster kernels make the call faster), else "host" (the device waits for Python, launches or syncs:
+      faster kernels alone will not help). None on CPU.
+    - ``top``: the ``top`` kernels (GPU) or aten ops (CPU) by self time.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    fn()
+    sync()
+    wall, host = [], []
+    for _ in range(rep):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        host.append((time.perf_counter() - t0) * 1e3)
+        sync()
+        wall.append((time.perf_counter() - t0) * 1e3)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(rep):
+            fn()
+        sync()
+    rows = []
+    for e in prof.key_averages():
+        if cuda:
+            if e.device_type != DeviceType.CUDA:
+                continue
+            us = e.self_device_time_total
+        else:
+            if not e.key.startswith("aten::"):
+                continue
+            us = e.self_cpu_time_total
+        if us > 0:
+            rows.append((e.key, e.count, us))
+    total_us = sum(us for _, _, us in rows)
+    rows.sort(key=lambda r: -r[2])
+    device_ms, wall_ms = total_us / rep / 1e3, statistics.median(wall)
+    busy = device_ms / wall_ms if cuda and wall_ms > 0 else None
+    return {
+        "activity": "cuda" if cuda else "cpu",
+        "rep": rep,
+        "wall_ms": wall_ms,
+        "host_ms": statistics.median(host),
+        "device_ms": device_ms,
+        "busy": busy,
+        "bound": None if busy is None else ("device" if busy >= 0.8 else "host"),
+        "top": [{"name": name[:120], "calls": count / rep, "ms": us / rep / 1e3,
+                 "share": us / total_us if total_us else None} for name, count, us in rows[:top]],
+    }
+
+
+def format_profile(prof: dict, indent: str = "    ") -> str:
+    """``profile_fn``'s result as a few printable lines."""
+    bound = f", device busy {prof['busy']:.0%}: {prof['bound']}-bound" if prof.get("bound") else ""
+    lines = [f"{indent}profile ({prof['activity']}): wall {prof['wall_ms']:.3f} ms/call, device {prof['device_ms']:.3f}, "
+             f"host {prof['host_ms']:.3f}{bound}"]
+    for t in prof["top"]:
+        share = "" if t["share"] is None else f"{100 * t['share']:5.1f}%"
+        lines.append(f"{indent}  {t['ms']:9.3f} ms {share} x{t['calls']:<5g} {t['name'][:90]}")
+    return "\n".join(lines)
+
+
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device | str) -> int | None:
     """Peak device memory allocated during ``fn()`` above what was allocated before (GPU only)."""
     device = torch.device(device)

@@ -33,6 +33,42 @@ def test_results_log_appends_at_once_and_updates_in_place(tmp_path):
     assert recs[1]["seq"] == 0 and recs[2]["seq"] == 1 and recs[1]["run_id"] == log.run_id
 
 
+def test_profile_fn_names_the_op_that_takes_the_time():
+    import torch
+
+    a = torch.randn(384, 384)
+    calls = []
+
+    def fn():
+        calls.append(1)
+        return (a @ a).add_(1.0)  # one big mm, one small elementwise op
+
+    prof = harness.profile_fn(fn, "cpu", rep=3, top=4)
+    assert len(calls) == 1 + 3 + 3  # warm-up, timed, profiled
+    assert prof["activity"] == "cpu" and prof["rep"] == 3 and prof["bound"] is None and prof["busy"] is None
+    assert prof["top"][0]["name"] == "aten::mm" and prof["top"][0]["calls"] == 1  # per call, not per rep
+    assert prof["top"][0]["share"] > 0.5 and sum(t["share"] for t in prof["top"]) <= 1 + 1e-9
+    assert prof["device_ms"] >= prof["top"][0]["ms"] > 0 and prof["wall_ms"] > 0 and prof["host_ms"] > 0
+    assert "aten::mm" in harness.format_profile(prof)
+
+
+def test_profile_rows_keep_the_newest_record_per_shape_and_impl(tmp_path):
+    def rec(impl, B, device_ms, busy):
+        prof = {"activity": "cuda", "rep": 3, "wall_ms": 2.0, "host_ms": 1.5, "device_ms": device_ms, "busy": busy,
+                "bound": "device" if busy >= 0.8 else "host",
+                "top": [{"name": "gemm_kernel", "calls": 1, "ms": device_ms / 2, "share": 0.5}]}
+        return json.dumps({"impl": impl, "B": B, "d": 512, "d_out": 4096, "profile": prof})
+
+    (tmp_path / "projected_mse_loss.jsonl").write_text("\n".join([
+        rec("kernel", 4096, 1.0, 0.5), json.dumps({"impl": "kernel", "B": 4096, "ms_median": 1.0}),
+        rec("kernel", 4096, 1.8, 0.9), rec("eager", 4096, 0.4, 0.2)]) + "\n", encoding="utf-8")
+    rows = gpu_suite.profile_rows(tmp_path)
+    assert [(r["impl"], r["device_ms"], r["bound"]) for r in rows] == [("kernel", 1.8, "device"), ("eager", 0.4, "host")]
+    assert rows[0]["where"] == "B=4096, d=512, d_out=4096" and rows[0]["top"] == "gemm_kernel (50%)"
+    text = gpu_suite.render_summary({"quick": False, "git": "r", "budget_s": 1, "seconds": 1, "steps": []}, [], rows)
+    assert "| projected_mse_loss | B=4096, d=512, d_out=4096 | kernel | 2.000 | 1.800 | 1.500 | 90% | device |" in text
+
+
 def test_git_revision_falls_back_to_the_environment(monkeypatch, tmp_path):
     monkeypatch.setattr(harness, "__file__", str(tmp_path / "harness.py"))  # a tree without .git
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
@@ -163,6 +199,9 @@ def test_quick_dry_run_runs_every_step(tmp_path):
         assert recs and all(r.get("run_id") for r in recs), bench
     summary = (pack / "summary.md").read_text()
     assert "DRY RUN" in summary and "| train step vs open_clip-style step |" in summary
+    profiled = {row["bench"] for row in gpu_suite.profile_rows(out / "results")}
+    assert profiled == {"projected_mse_loss", "clip_contrastive_loss", "train_step"}, profiled
+    assert "Where the time goes" in summary
     measured = [r for r in suite["targets"] if r["measured"] is not None]
     assert len(measured) >= 8, suite["targets"]  # the dry run exercises the evaluation, not only the steps
     with tarfile.open(pack / gpu_suite.PACK_NAME) as tar:
