@@ -18,7 +18,7 @@ Default sizes (GPU): N in {100k, 500k, 2M}, D = 4096, K = 1000, bf16 data (the t
 ``--quick``: N in {500, 1000}, D = 16, K = 8 on CPU, kclip (Triton interpreter when TRITON_INTERPRET=1)
 and scikit-learn; finishes in seconds.
 
-    python -m bench.bench_kmeans [--quick] [--results-dir DIR]
+    python -m bench.bench_kmeans [--quick] [--profile] [--results-dir DIR]
 """
 from __future__ import annotations
 
@@ -167,6 +167,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--device", default=None)
     p.add_argument("--sklearn-max-n", type=int, default=None, help="scikit-learn subsample cap")
     p.add_argument("--sklearn-iters", type=int, default=None, help="scikit-learn iteration cap")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile the kclip-triton fit (wall vs device-busy time, top kernels) into its record")
     p.add_argument("--impls", nargs="+", default=None,
                    help="subset of kclip-triton cuml flash-kmeans fast-pytorch-kmeans sklearn")
     a = p.parse_args(argv)
@@ -240,6 +242,9 @@ def main(argv=None) -> list[dict]:
                 # of its timed fit (the kclip kernels were already warmed by the assign-only rows above)
                 runner(x, init, 1, device)
                 (n_iter, inertia, extra), sec, peak = _timed(lambda: runner(x, init, iters, device), device)
+                if a.profile and impl == "kclip-triton":  # where the fit's time goes beyond its two kernels
+                    extra["profile"] = harness.profile_fn(lambda: runner(x, init, iters, device), device, rep=2)
+                    print(harness.format_profile(extra["profile"]), flush=True)
                 add(dict(base, impl=impl, n_iter=n_iter, fit_s=sec, ms_per_iter=1e3 * sec / max(1, n_iter),
                          inertia=inertia, peak_bytes=peak, **extra))
             except Exception as exc:

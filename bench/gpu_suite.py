@@ -96,8 +96,8 @@ def plan() -> list[Step]:
         Step("kmeans", "k-means 500k x 4096 x 1000, 10 Lloyd iterations: kclip vs flash-kmeans, "
                        "fast-pytorch-kmeans, cuML",
              ["-m", b + "bench_kmeans", "--n", "500000", "--d", "4096", "--k", "1000", "--iters", "10", "--impls",
-              "kclip-triton", "cuml", "flash-kmeans", "fast-pytorch-kmeans"],
-             ["-m", b + "bench_kmeans", "--quick"], 45, 20, 100),
+              "kclip-triton", "cuml", "flash-kmeans", "fast-pytorch-kmeans", "--profile"],
+             ["-m", b + "bench_kmeans", "--quick", "--profile"], 45, 20, 100),
         Step("teacher", "Llama-2-7B-shaped teacher, 1024 captions: bf16 vs int8 (tokens/s, weight memory, cosine)",
              ["-m", b + "bench_teacher", "--precisions", "bf16,int8", "--num-captions", "1024", "--budgets", "16384",
               "--rep", "2"],
@@ -486,7 +486,7 @@ def target_rows(results: Path, quick: bool = False) -> list[dict]:
 
 
 _PROFILE_WHERE = {"projected_mse_loss": ("B", "d", "d_out"), "clip_contrastive_loss": ("N", "D"),
-                  "train_step": ("model", "batch")}
+                  "train_step": ("model", "batch"), "kmeans": ("n", "d", "k")}
 
 
 def profile_rows(results: Path) -> list[dict]:

@@ -200,7 +200,7 @@ def test_quick_dry_run_runs_every_step(tmp_path):
     summary = (pack / "summary.md").read_text()
     assert "DRY RUN" in summary and "| train step vs open_clip-style step |" in summary
     profiled = {row["bench"] for row in gpu_suite.profile_rows(out / "results")}
-    assert profiled == {"projected_mse_loss", "clip_contrastive_loss", "train_step"}, profiled
+    assert profiled == {"projected_mse_loss", "clip_contrastive_loss", "train_step", "kmeans"}, profiled
     assert "Where the time goes" in summary
     measured = [r for r in suite["targets"] if r["measured"] is not None]
     assert len(measured) >= 8, suite["targets"]  # the dry run exercises the evaluation, not only the steps
