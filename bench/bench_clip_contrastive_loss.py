@@ -50,8 +50,10 @@ def _parse(argv):
                    help="largest N for the impls that build the N x N logits (eager, compile); above it they are "
                         "recorded as skipped instead of run into an OOM (default: no limit)")
     p.add_argument("--tune", action="store_true",
-                   help="instead of the comparison: time the kernel under other launch configurations (TUNE_STATS, "
-                        "TUNE_GRAD), each checked against the default configuration's loss and gradients")
+                   help="instead of the comparison: time the kernel under other launch configurations (see "
+                        "--tune-set), each checked against the default configuration's loss and gradients")
+    p.add_argument("--tune-set", choices=TUNE_SETS, default="all",
+                   help="pipeline: the default tiles with FLATTEN/PREFETCH; tiles: other tile shapes; all: both")
     p.add_argument("--profile", action="store_true",
                    help="also profile each impl (device vs host time per call, top kernels) into its record")
     p.add_argument("--results-dir", help="where the JSONL and the plot go (default bench/results)")
@@ -81,6 +83,8 @@ def _inf_cl_loss():
 
 
 # Launch configurations tried by --tune (sm_90 candidates; the first of each list is today's heuristic for D >= 512).
+# --tune-set tiles: other tile shapes, each a whole launch configuration (sm_90 candidates; the first of each list is
+# today's heuristic for D <= 512). Timed on an H200 on 2026-11-30 (bench/results/clip_contrastive_loss.jsonl).
 TUNE_STATS = [dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
               dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
               dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
@@ -90,19 +94,42 @@ TUNE_GRAD = [dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, BLOCK_DO=512, num_warps=8,
              dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_DO=256, num_warps=8, num_stages=2),
              dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, BLOCK_DO=256, num_warps=8, num_stages=2),
              dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, BLOCK_DO=128, num_warps=8, num_stages=2)]
-# --quick (interpreter): one variant of each kernel, different from the interpreter's default tiles
-TUNE_QUICK_STATS = [dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)]
-TUNE_QUICK_GRAD = [dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, BLOCK_DO=16, num_warps=4, num_stages=1)]
+# --tune-set pipeline: the default tiles of each D with a pipelining option switched on (merged into the
+# default configuration). Untimed so far; both compile for sm_90 without spills (bench/compile_sm90.py):
+#   FLATTEN  one software-pipelined loop over (column tile, D step) instead of a D loop nested in the column
+#            loop, whose pipeline drains at the end of every column tile (tl.range(flatten=True))
+#   PREFETCH the grad kernel issues the column tile's B rows and column LSE before its S tile, not after,
+#            so their global-load latency hides behind the S GEMM
+TUNE_PIPELINE_STATS = [dict(FLATTEN=True)]
+TUNE_PIPELINE_GRAD = [dict(PREFETCH=True), dict(FLATTEN=True), dict(FLATTEN=True, PREFETCH=True)]
+TUNE_SETS = ("pipeline", "tiles", "all")
+# --quick (interpreter): one variant of each kernel, different from the interpreter's default tiles (the
+# interpreter runs FLATTEN/PREFETCH as the plain loop: there they check only that the options are accepted)
+TUNE_QUICK_STATS = [dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1, FLATTEN=True)]
+TUNE_QUICK_GRAD = [dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, BLOCK_DO=16, num_warps=4, num_stages=1, FLATTEN=True,
+                        PREFETCH=True)]
 
 
-def tune(ns, ds, dtype, device, log, prov, reps) -> list:
+def tune_variants(tune_set: str, quick: bool) -> list:
+    """[(varied kernel, stats override, grad override)]: the default first, then one kernel varied at a time."""
+    if tune_set not in TUNE_SETS:
+        raise ValueError(f"--tune-set must be one of {TUNE_SETS}, got {tune_set!r}")
+    variants = [("default", None, None)]
+    if quick:
+        return variants + [("stats", c, None) for c in TUNE_QUICK_STATS] + [("grad", None, c) for c in TUNE_QUICK_GRAD]
+    if tune_set in ("tiles", "all"):
+        variants += [("stats", c, None) for c in TUNE_STATS[1:]] + [("grad", None, c) for c in TUNE_GRAD[1:]]
+    if tune_set in ("pipeline", "all"):
+        variants += ([("stats", c, None) for c in TUNE_PIPELINE_STATS]
+                     + [("grad", None, c) for c in TUNE_PIPELINE_GRAD])
+    return variants
+
+
+def tune(ns, ds, dtype, device, log, prov, reps, tune_set: str = "all") -> list:
     """Time fwd+bwd of the kernel under other launch configurations (one kernel varied at a time), checking
     each variant's loss and gradients against the default configuration's."""
     kmod = import_module("kclip.kernels.clip_contrastive_loss")
-    quick = device.type == "cpu"
-    variants = [("default", None, None)]
-    variants += [("stats", c, None) for c in (TUNE_QUICK_STATS if quick else TUNE_STATS[1:])]
-    variants += [("grad", None, c) for c in (TUNE_QUICK_GRAD if quick else TUNE_GRAD[1:])]
+    variants = tune_variants(tune_set, quick=device.type == "cpu")
     records = []
     for d in ds:
         for n in ns:
@@ -115,7 +142,7 @@ def tune(ns, ds, dtype, device, log, prov, reps) -> list:
                 if grad:
                     kmod.LAUNCH_OVERRIDES["grad"] = grad
                 rec = dict(prov, N=n, D=d, dtype=str(dtype).replace("torch.", ""), impl="kclip-tune", varied=which,
-                           stats_cfg=kmod._stats_blocks(d), grad_cfg=kmod._grad_blocks(d))
+                           tune_set=tune_set, stats_cfg=kmod._stats_blocks(d), grad_cfg=kmod._grad_blocks(d))
                 try:
                     _step(kmod.clip_contrastive_loss, img, txt, s)
                     loss = kmod.clip_contrastive_loss(img, txt, s).detach().float()
@@ -176,7 +203,7 @@ def main(argv=None):
     if args.tune:
         prov = harness.provenance(device)
         return tune(ns, ds, dtype, device, harness.ResultsLog(NAME, args.results_dir), prov,
-                    dict(warmup=1, rep=3) if args.quick else {})
+                    dict(warmup=1, rep=3) if args.quick else {}, args.tune_set)
     # torch.compile on CPU needs a C++ toolchain and takes tens of seconds: GPU only unless asked for.
     compile_ok = not args.no_compile and (device.type == "cuda" or not args.quick)
     impls, kmod = _make_impls(args.impls, device, compile_ok)

@@ -120,9 +120,12 @@ def plan() -> list[Step]:
               "--warmup", "5", "--impls", "kclip-fused", "kclip-reference", "openclip-style", "--profile"],
              ["-m", b + "bench_train_step", "--quick", "--impls", "kclip-fused", "openclip-style", "--profile"],
              45, 25, 100),
-        Step("contrastive_tune", "clip_contrastive_loss launch configurations at N 32k, D 768/512 (each checked "
+        # The tile shapes were swept on the H200 on 2026-11-30 (the D > 512 default came from it); this sweeps
+        # the untimed pipelining options (FLATTEN, PREFETCH) on the default tiles.
+        Step("contrastive_tune", "clip_contrastive_loss pipelining options at N 32k, D 768/512 (each checked "
                                  "against the default's gradients)",
-             ["-m", b + "bench_clip_contrastive_loss", "--tune", "--ns", "32768", "--ds", "768", "512"],
+             ["-m", b + "bench_clip_contrastive_loss", "--tune", "--tune-set", "pipeline", "--ns", "32768", "--ds",
+              "768", "512"],
              ["-m", b + "bench_clip_contrastive_loss", "--quick", "--tune", "--ns", "48"], 60, 25, 120),
         Step("contrastive_compile", "clip_contrastive_loss vs torch.compile of the reference at N 16k",
              ["-m", b + "bench_clip_contrastive_loss", "--ns", "16384", "--ds", "768", "512", "--impls", "compile"],
@@ -312,7 +315,7 @@ def run_suite(steps: list[Step], budget_s: float, out: Path, quick: bool = False
     finally:
         suite["seconds"] = round(time.monotonic() - t_start, 1)
         rows = target_rows(results, quick)
-        summary = render_summary(suite, rows, profile_rows(results))
+        summary = render_summary(suite, rows, profile_rows(results), tune_rows(results))
         suite["targets"] = rows
         _write_json(out / "suite.json", suite)
         (out / "summary.md").write_text(summary, encoding="utf-8")
@@ -507,7 +510,33 @@ def profile_rows(results: Path) -> list[dict]:
     return list(rows.values())
 
 
-def render_summary(suite: dict, rows: list[dict], profiles: list[dict] | None = None) -> str:
+def tune_rows(results: Path) -> list[dict]:
+    """The newest ``--tune`` run of the contrastive kernels: each variant's time against that run's default.
+
+    One row per (N, D, variant): which kernel was varied, what changed against the default configuration, ms,
+    speed-up over the default (> 1: faster) and the largest relative error of loss/gradients vs the default.
+    """
+    recs = [r for r in load_results(results).get("clip_contrastive_loss", []) if r.get("impl") == "kclip-tune"]
+    if not recs:
+        return []
+    run = recs[-1].get("run_id")
+    recs = [r for r in recs if r.get("run_id") == run]
+    defaults = {(r["N"], r["D"]): r for r in recs if r.get("varied") == "default"}
+    rows = []
+    for r in recs:
+        base = defaults.get((r["N"], r["D"]))
+        which = r.get("varied")
+        cfg_key = "stats_cfg" if which == "stats" else "grad_cfg"
+        change = "–" if which == "default" or base is None else ", ".join(
+            f"{k}={v}" for k, v in (r.get(cfg_key) or {}).items() if (base.get(cfg_key) or {}).get(k) != v) or "same"
+        speedup = (_ms(base) / _ms(r)) if base and _ms(base) and _ms(r) else None
+        rows.append({"N": r["N"], "D": r["D"], "varied": which, "change": change, "ms": _ms(r), "speedup": speedup,
+                     "err": r.get("max_rel_err_vs_default"), "error": r.get("error")})
+    return rows
+
+
+def render_summary(suite: dict, rows: list[dict], profiles: list[dict] | None = None,
+                   tunes: list[dict] | None = None) -> str:
     dry = suite.get("quick")
     lines = [f"# kclip GPU suite: {'DRY RUN on CPU (--quick): not performance numbers' if dry else 'results'}", "",
              f"git {suite.get('git')}, budget {suite.get('budget_s'):.0f} s, ran {suite.get('seconds', 0):.0f} s", ""]
@@ -532,6 +561,16 @@ def render_summary(suite: dict, rows: list[dict], profiles: list[dict] | None = 
             lines.append(f"| {p['bench']} | {p['where']} | {p['impl']} | {fmt(p['wall_ms'], '.3f')} | "
                          f"{p['device_ms']:.3f} | {p['host_ms']:.3f} | {fmt(p['busy'], '.0%')} | {p['bound'] or '–'} | "
                          f"{p['top'] or '–'} |")
+    if tunes:
+        lines += ["", "Contrastive launch configurations (`--tune`, fwd+bwd; speed-up > 1: faster than the default; "
+                  "error: largest relative difference of loss and gradients from the default)", "",
+                  "| N | D | kernel varied | change | ms | speed-up | max rel err |",
+                  "|---:|---:|---|---|---:|---:|---:|"]
+        fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
+        for t in tunes:
+            ms = t["error"][:60] if t["error"] else fmt(t["ms"], ".3f")
+            lines.append(f"| {t['N']} | {t['D']} | {t['varied']} | {t['change']} | {ms} | {fmt(t['speedup'], '.2f')} | "
+                         f"{fmt(t['err'], '.1e')} |")
     lines += ["", "| step | status | seconds | cap | note |", "|---|---|---:|---:|---|"]
     for s in suite.get("steps", []):
         note = s.get("reason", "")

@@ -82,12 +82,17 @@ are assumed L2-normalised only for the cost model; the maths is exact for any ro
 without ``TRITON_INTERPRET=1`` the PyTorch reference runs (distributed too, with an all-gather that
 keeps local gradients). Backward programs hold a BLOCK_M x BLOCK_DO fp32 accumulator: D <= 512 in
 one chunk; D > 512 in 256-wide chunks that each recompute their S tiles (D=768: 3 chunks). GPU block
-sizes are fixed heuristics (no autotune): the D <= 512 ones from sm_90 compile reports, the D > 512
-ones measured (``--tune``). Measured on an H200 (bench/results/clip_contrastive_loss.jsonl), this plan
-reaches only 42-78 TFLOP/s of useful work (4-matmul count) at N=32k: 5-10% of the 782 TFLOP/s bf16
-matmul ceiling, and eager PyTorch (cuBLAS logits) is 3-7x faster wherever its N x N logits fit. The
-kernel wins on memory (O(N) above the inputs) and against Inf-CL (2.4-4.2x); closing the speed gap
-(register spills of the fp32 accumulator, wgmma layouts, fewer passes) is open work.
+sizes are fixed heuristics (no autotune), timed on an H200 (``--tune``). Measured there
+(bench/results/clip_contrastive_loss.jsonl), this plan reaches only 42-78 TFLOP/s of useful work (4-matmul
+count) at N=32k: 5-10% of the 782 TFLOP/s bf16 matmul ceiling, and eager PyTorch (cuBLAS logits) is 3-7x
+faster wherever its N x N logits fit. The kernel wins on memory (O(N) above the inputs) and against Inf-CL
+(2.4-4.2x); closing the speed gap is open work. Register spills are not the cause: compiled as a launch
+specialises them, no bf16 default configuration spills and all use wgmma (bench/results/compile_sm90/).
+What the compiled code shows instead: the D loop nested in the column loop drains its two-stage pipeline
+at the end of every column tile, the gradient kernel loads each tile's B rows only after its S tile
+(unpipelined), and each tile waits for its P @ B GEMM to finish. The launch options ``FLATTEN`` and
+``PREFETCH`` (off until timed) address the first two; ``bench_clip_contrastive_loss --tune --tune-set
+pipeline`` times them.
 """
 from __future__ import annotations
 
@@ -230,7 +235,7 @@ if triton is not None:
         NA, NB, D, offset,                  # positive pair of row i is column i + offset
         stride_a, stride_b,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr, FLATTEN: tl.constexpr = False,
     ):
         """Row LSE of s*A@B.T, softmax-weighted mean cosine w, and diagonal cosine, for BLOCK_M rows."""
         pid = tl.program_id(0)
@@ -242,7 +247,7 @@ if triton is not None:
         m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l = tl.zeros((BLOCK_M,), tl.float32)
         w = tl.zeros((BLOCK_M,), tl.float32)
-        for n0 in range(0, NB, BLOCK_N):
+        for n0 in tl.range(0, NB, BLOCK_N, flatten=FLATTEN):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_mask = cols < NB
             b_rows = b_ptr + cols.to(tl.int64)[:, None] * stride_b
@@ -278,7 +283,8 @@ if triton is not None:
         NA, NB, D, offset,
         stride_a, stride_b, stride_da,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
-        UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr, FLATTEN: tl.constexpr = False,
+        PREFETCH: tl.constexpr = False,
     ):
         """dA[rows, d-chunk] = s*coef * (sum_j (exp(S_ij - lseA_i) + exp(S_ij - lseB_j)) B_j - 2 B_{i+off})."""
         pid_m = tl.program_id(0)
@@ -295,17 +301,22 @@ if triton is not None:
         d_mask = dcols < D
 
         acc = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
-        for n0 in range(0, NB, BLOCK_N):
+        for n0 in tl.range(0, NB, BLOCK_N, flatten=FLATTEN):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_mask = cols < NB
             b_rows = b_ptr + cols.to(tl.int64)[:, None] * stride_b
+            if PREFETCH:
+                rb = tl.load(lse_b_ptr + cols, mask=col_mask, other=float("inf")) * 1.4426950408889634
+                bo = tl.load(b_rows + dcols[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
             g = _cosine_tile(a_rows, b_rows, row_mask, col_mask, D,  # (BM, BN) cosines of this tile
                              BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION, EVEN_K)
             t = g * qk
-            rb = tl.load(lse_b_ptr + cols, mask=col_mask, other=float("inf")) * 1.4426950408889634
+            if not PREFETCH:
+                rb = tl.load(lse_b_ptr + cols, mask=col_mask, other=float("inf")) * 1.4426950408889634
             p = tl.exp2(t - ra[:, None]) + tl.exp2(t - rb[None, :])
             p = tl.where(col_mask[None, :], p, 0.0)  # (BM, BN) P^r + P^c
-            bo = tl.load(b_rows + dcols[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+            if not PREFETCH:
+                bo = tl.load(b_rows + dcols[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
             if UPCAST:
                 bo = bo.to(tl.float32)
             acc = tl.dot(p.to(bo.dtype), bo, acc, input_precision=PRECISION)
@@ -343,9 +354,9 @@ def _grad_blocks(D: int):
         return {**dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_DO=32, num_warps=4, num_stages=1),
                 **LAUNCH_OVERRIDES.get("grad", {})}
     # The fp32 accumulator is BLOCK_M x BLOCK_DO registers; D above 512 is split into chunks (each
-    # chunk recomputes its S tiles). D <= 512: from sm_90 compile reports (ptxas -v: registers/spills,
-    # shared memory), (64, 32, 512) spills least of the configs that keep D=512 in one chunk, and it was
-    # also the fastest of the --tune candidates on an H200 at D=512.
+    # chunk recomputes its S tiles). D <= 512: (64, 32, 512) keeps D=512 in one chunk (254 registers, no
+    # spills when compiled as launched: bench/compile_sm90.py) and was the fastest of the --tune candidates
+    # on an H200 at D=512. FLATTEN / PREFETCH (kernel docstring) stay off until a GPU run times them.
     block_do = min(512, max(16, triton.next_power_of_2(D)))
     block_m = 128 if block_do <= 128 else 64
     block_n = 64 if block_do <= 128 else 32

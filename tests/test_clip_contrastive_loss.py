@@ -99,6 +99,22 @@ def test_deterministic_bitwise():
         assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("options", [dict(PREFETCH=True), dict(FLATTEN=True, PREFETCH=True)])
+def test_pipelining_options_change_nothing(options):
+    """The --tune pipelining options (early loads of the B rows / column LSE, a flattened loop) reorder work
+    only: loss and gradients stay bit-identical to the default launch (the interpreter runs PREFETCH's load
+    order for real; FLATTEN is a compiler hint it ignores)."""
+    img, txt, s = _inputs(37, 48, 20.0, seed=11)
+    want = _run(clip_contrastive_loss, img, txt, s, 1.5)
+    ccl.LAUNCH_OVERRIDES.update(stats={k: v for k, v in options.items() if k == "FLATTEN"}, grad=dict(options))
+    try:
+        got = _run(clip_contrastive_loss, img, txt, s, 1.5)
+    finally:
+        ccl.LAUNCH_OVERRIDES.clear()
+    for x, y in zip(got, want):
+        assert torch.equal(x, y)
+
+
 def test_partial_grads_and_float_scale():
     img, txt, _ = _inputs(19, 48, 1.0, seed=5)
     txt = txt.detach()  # no grad for text
@@ -190,6 +206,24 @@ def test_gpu_large_n_memory_is_linear():
     assert peak < linear_bound, f"peak {peak / 2**20:.0f} MiB > O(N) bound {linear_bound / 2**20:.0f} MiB"
     assert peak < n * n * 2 / 16  # far below even one bf16 N x N matrix (8 GiB here)
     assert torch.isfinite(loss) and torch.isfinite(img.grad).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("d", [512, 768])
+def test_gpu_pipelining_options_match_default(d):
+    """FLATTEN (a loop the compiler rewrites) and PREFETCH on the GPU: same loss and gradients as the default
+    launch up to summation order (fp32 accumulation of bf16 products)."""
+    img, txt, s = _inputs(4099, d, 1 / 0.07, dtype=torch.bfloat16, device="cuda", seed=7)
+    want = _run(clip_contrastive_loss, img, txt, s)
+    for options in (dict(PREFETCH=True), dict(FLATTEN=True), dict(FLATTEN=True, PREFETCH=True)):
+        ccl.LAUNCH_OVERRIDES.update(stats={k: v for k, v in options.items() if k == "FLATTEN"}, grad=dict(options))
+        try:
+            got = _run(clip_contrastive_loss, img, txt, s)
+        finally:
+            ccl.LAUNCH_OVERRIDES.clear()
+        for name, a, b in zip(("loss", "d_image", "d_text", "d_logit_scale"), got, want):
+            err = float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+            assert err <= 1e-2, (options, name, err)
 
 
 @pytest.mark.cuda

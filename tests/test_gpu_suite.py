@@ -202,6 +202,9 @@ def test_quick_dry_run_runs_every_step(tmp_path):
     profiled = {row["bench"] for row in gpu_suite.profile_rows(out / "results")}
     assert profiled == {"projected_mse_loss", "clip_contrastive_loss", "train_step", "kmeans"}, profiled
     assert "Where the time goes" in summary
+    # the --tune sweep's table: the default and one variant of each kernel, both checked against the default
+    assert "Contrastive launch configurations" in summary
+    assert "| 48 | 32 | grad | " in summary and "PREFETCH=True" in summary, summary
     measured = [r for r in suite["targets"] if r["measured"] is not None]
     assert len(measured) >= 8, suite["targets"]  # the dry run exercises the evaluation, not only the steps
     with tarfile.open(pack / gpu_suite.PACK_NAME) as tar:
