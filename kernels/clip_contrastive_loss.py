@@ -101,7 +101,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from .dispatch import interpreting, use_triton
+from .dispatch import cdiv, interpreting, use_triton
 
 try:  # Triton is optional on CPU-only installs: the reference path still works.
     import triton
@@ -381,7 +381,7 @@ def _row_stats(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, offset: in
     w = torch.empty_like(lse)  # (NA,)
     diag = torch.empty_like(lse)  # (NA,)
     cfg = _stats_blocks(D)
-    grid = (triton.cdiv(NA, cfg["BLOCK_M"]),)
+    grid = (cdiv(NA, cfg["BLOCK_M"]),)
     _row_stats_kernel[grid](
         a, b, scale, lse, w, diag, NA, NB, D, offset, a.stride(0), b.stride(0),
         UPCAST=interpreting() and a.dtype != torch.float32, PRECISION=_precision(a.dtype),
@@ -400,7 +400,7 @@ def _grad(a, b, lse_a, lse_b, scale, coef, offset: int) -> torch.Tensor:
     NB = b.shape[0]
     da = torch.empty_like(a)  # (NA, D)
     cfg = _grad_blocks(D)
-    grid = (triton.cdiv(NA, cfg["BLOCK_M"]), triton.cdiv(D, cfg["BLOCK_DO"]))
+    grid = (cdiv(NA, cfg["BLOCK_M"]), cdiv(D, cfg["BLOCK_DO"]))
     _grad_kernel[grid](
         a, b, lse_a, lse_b, scale, coef, da, NA, NB, D, offset, a.stride(0), b.stride(0), da.stride(0),
         UPCAST=interpreting() and a.dtype != torch.float32, PRECISION=_precision(a.dtype),

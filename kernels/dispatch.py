@@ -22,3 +22,9 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if devices == {"cpu"}:
         return interpreting()
     return False
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of host integers for launch grids and buffer sizes. Plain Python: ``triton.cdiv`` is a
+    ``constexpr_function`` in recent Triton, a few microseconds per call, paid several times per launch."""
+    return -(-a // b)

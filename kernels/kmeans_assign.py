@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import interpreting, use_triton
+from .dispatch import cdiv, interpreting, use_triton
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -173,7 +173,7 @@ def _kmeans_assign_triton(x: torch.Tensor, centroids: torch.Tensor):
     if n == 0:
         return labels, sqdist
     cfg = _block_sizes(n, k, d, x.dtype)
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
+    grid = (cdiv(n, cfg["BLOCK_N"]),)
     _kmeans_assign_kernel[grid](
         x, c, c_sq, labels, sqdist, n, k, d,
         x.stride(0), x.stride(1), c.stride(0), c.stride(1),

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import interpreting, use_triton
+from .dispatch import cdiv, interpreting, use_triton
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -128,7 +128,7 @@ def _kmeans_update_triton(x: torch.Tensor, labels: torch.Tensor, k: int):
     if d == 0:
         return sums, counts
     cfg = _block_sizes(d)
-    grid = (k, triton.cdiv(d, cfg["BLOCK_D"]))
+    grid = (k, cdiv(d, cfg["BLOCK_D"]))
     _segment_sum_kernel[grid](
         x, order, offsets, sums, d, x.stride(0), x.stride(1),
         BLOCK_R=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],

@@ -78,7 +78,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .dispatch import interpreting, use_triton
+from .dispatch import cdiv, interpreting, use_triton
 
 __all__ = ["projected_mse_loss", "projected_mse_loss_reference"]
 
@@ -238,23 +238,21 @@ def _launch_forward(x2, weight, target2, bias, store_g, store_colsum):
 
     Shapes: x2 (B, d), weight (d', d), target2 (B, d'), bias (d',) or None -> G (B, d'), colsums (d',).
     """
-    import triton
-
     kernel, min_bm, min_bn = _forward_kernel()
     M, K = x2.shape
     N = weight.shape[0]
     device = x2.device
     # Sized for the smallest tiles any config uses; after the launch only the slots of the config that
     # actually ran are summed, so stale slots from autotuning runs never count.
-    partials = torch.empty((triton.cdiv(M, min_bm), triton.cdiv(N, min_bn)), dtype=torch.float32, device=device)
+    partials = torch.empty((cdiv(M, min_bm), cdiv(N, min_bn)), dtype=torch.float32, device=device)
     g = torch.empty((M, N), dtype=x2.dtype, device=device) if store_g else None  # (B, d')
-    colsums = (torch.empty((triton.cdiv(M, min_bm), N), dtype=torch.float32, device=device)
+    colsums = (torch.empty((cdiv(M, min_bm), N), dtype=torch.float32, device=device)
                if store_colsum else None)  # (B / BM, d')
     upcast = interpreting() and x2.dtype != torch.float32
     precision = _fp32_input_precision() if x2.dtype == torch.float32 else "tf32"  # ignored for 16-bit
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
 
     kernel[grid](
         x2, weight, bias if bias is not None else x2, target2,
@@ -269,7 +267,7 @@ def _launch_forward(x2, weight, target2, bias, store_g, store_colsum):
     )
     LAUNCH_COUNTS["forward"] += 1
     best = kernel.best_config.kwargs
-    tiles_m, tiles_n = triton.cdiv(M, best["BLOCK_M"]), triton.cdiv(N, best["BLOCK_N"])
+    tiles_m, tiles_n = cdiv(M, best["BLOCK_M"]), cdiv(N, best["BLOCK_N"])
     sq_sum = partials[:tiles_m, :tiles_n].sum()  # fixed-shape reduction: deterministic
     col = colsums[:tiles_m].sum(0) if colsums is not None else None  # (d',)
     return sq_sum, g, col

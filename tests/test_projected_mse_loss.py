@@ -237,3 +237,15 @@ def test_gpu_extra_memory_one_bf16_buffer():
     slack = d_out * d * 2 + 4 * 2**20  # g * W temporary, partials/colsums, allocator rounding
     assert kernel_peak <= one_buffer + outputs + slack, (kernel_peak, one_buffer + outputs + slack)
     assert kernel_peak < eager_peak, (kernel_peak, eager_peak)
+
+
+def test_host_cdiv_matches_triton():
+    """The launchers' plain-Python ceiling division (``triton.cdiv`` costs microseconds per call) agrees with
+    Triton's on the sizes grids and buffers see."""
+    import triton
+
+    from kclip.kernels.dispatch import cdiv
+
+    for a in (0, 1, 15, 16, 17, 4095, 4096, 4097, 2**31 + 5):
+        for b in (1, 16, 32, 64, 128, 256):
+            assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
