@@ -142,6 +142,10 @@ def test_list_and_only(capsys):
         assert step.name in out
     with pytest.raises(SystemExit):
         gpu_suite.main(["--only", "no_such_step", "--list"])
+    # --only runs in the order given (each step once), so a session puts what is still unmeasured first
+    assert gpu_suite.main(["--only", "contrastive_tune", "env", "contrastive_tune", "--list"]) == 0
+    rows = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line[:2].strip().isdigit()]
+    assert rows == ["contrastive_tune", "env"], rows
 
 
 def test_target_rows_pass_and_fail(tmp_path):
