@@ -174,20 +174,14 @@ def contrastive(dtype: str, n: int = 32768):
             stats_cfgs += [("tune", {**default_stats, **c}) for c in TUNE_PIPELINE_STATS]
             grad_cfgs += [("tune", c) for c in TUNE_GRAD if c != default_grad]
             grad_cfgs += [("tune", {**default_grad, **c}) for c in TUNE_PIPELINE_GRAD]
-        for role, cfg in stats_cfgs:
-            kw = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
-            yield compile_kernel(
-                Report("clip_contrastive_loss row_stats", dtype, f"N={n} D={d}", cfg, role=role),
-                m._row_stats_kernel, stats_args,
-                dict(UPCAST=False, PRECISION=prec, EVEN_K=d % cfg["BLOCK_K"] == 0, **kw),
-                cfg["num_warps"], cfg["num_stages"])
-        for role, cfg in grad_cfgs:
-            kw = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
-            yield compile_kernel(
-                Report("clip_contrastive_loss grad", dtype, f"N={n} D={d}", cfg, role=role),
-                m._grad_kernel, grad_args,
-                dict(UPCAST=False, PRECISION=prec, EVEN_K=d % cfg["BLOCK_K"] == 0, **kw),
-                cfg["num_warps"], cfg["num_stages"])
+        for name, kernel, args, cfgs in (("row_stats", m._row_stats_kernel, stats_args, stats_cfgs),
+                                         ("grad", m._grad_kernel, grad_args, grad_cfgs)):
+            for role, cfg in cfgs:
+                kw = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+                yield compile_kernel(
+                    Report(f"clip_contrastive_loss {name}", dtype, f"N={n} D={d}", cfg, role=role), kernel, args,
+                    dict(UPCAST=False, PRECISION=prec, EVEN_K=d % cfg["BLOCK_K"] == 0, **kw),
+                    cfg["num_warps"], cfg["num_stages"])
 
 
 def projected_mse(dtype: str, b: int = 4096, d: int = 512, d_out: int = 4096):

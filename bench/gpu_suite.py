@@ -551,12 +551,12 @@ def render_summary(suite: dict, rows: list[dict], profiles: list[dict] | None = 
         ratio = "–" if r["ratio"] is None else f"{r['ratio']:.2f}"
         status = r["status"] if not dry or r["status"] == "n/a" else "dry-run"
         lines.append(f"| {r['target']} | {r['where']} | {meas} | {goal.strip()} | {ratio} | {status} | {r['note']} |")
+    fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
     if profiles:
         lines += ["", "Where the time goes (torch.profiler, per call; host-bound: the device is busy < 80% of the wall "
                   "time, waiting for launches or syncs)", "",
                   "| bench | where | impl | wall ms | device ms | host ms | device busy | bound | top kernel |",
                   "|---|---|---|---:|---:|---:|---:|---|---|"]
-        fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
         for p in profiles:
             lines.append(f"| {p['bench']} | {p['where']} | {p['impl']} | {fmt(p['wall_ms'], '.3f')} | "
                          f"{p['device_ms']:.3f} | {p['host_ms']:.3f} | {fmt(p['busy'], '.0%')} | {p['bound'] or '–'} | "
@@ -566,7 +566,6 @@ def render_summary(suite: dict, rows: list[dict], profiles: list[dict] | None = 
                   "error: largest relative difference of loss and gradients from the default)", "",
                   "| N | D | kernel varied | change | ms | speed-up | max rel err |",
                   "|---:|---:|---|---|---:|---:|---:|"]
-        fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
         for t in tunes:
             ms = t["error"][:60] if t["error"] else fmt(t["ms"], ".3f")
             lines.append(f"| {t['N']} | {t['D']} | {t['varied']} | {t['change']} | {ms} | {fmt(t['speedup'], '.2f')} | "
