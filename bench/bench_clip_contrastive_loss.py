@@ -82,7 +82,6 @@ def _inf_cl_loss():
     return loss
 
 
-# Launch configurations tried by --tune (sm_90 candidates; the first of each list is today's heuristic for D >= 512).
 # --tune-set tiles: other tile shapes, each a whole launch configuration (sm_90 candidates; the first of each list is
 # today's heuristic for D <= 512). Timed on an H200 on 2026-11-30 (bench/results/clip_contrastive_loss.jsonl).
 TUNE_STATS = [dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),

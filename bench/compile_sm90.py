@@ -29,6 +29,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 import argparse  # noqa: E402
 import datetime as _dt  # noqa: E402
 import importlib  # noqa: E402
+import inspect  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -38,6 +39,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from triton._C.libtriton import native_specialize_impl  # noqa: E402
 from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -82,22 +84,6 @@ def _pointer(dtype: str) -> torch.Tensor:
 
 def _specialize(fn, args: dict, constexprs: dict):
     """(signature, constants, attrs) as Triton's launcher would build them for these argument values."""
-    try:  # Triton >= 3.5: the launcher's own routine
-        from triton._C.libtriton import native_specialize_impl
-
-        def spec(value):
-            return native_specialize_impl(BaseBackend, value, False, True, True)
-    except ImportError:  # older Triton: the same rules, written out
-        def spec(value):
-            if isinstance(value, torch.Tensor):
-                ty = "*" + {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
-                            torch.int64: "i64", torch.int32: "i32"}[value.dtype]
-                return ty, "D" if value.data_ptr() % 16 == 0 else ""
-            if value == 1:
-                return "constexpr", 1
-            return ("i32" if -2**31 <= value < 2**31 else "i64"), "D" if value % 16 == 0 else ""
-    import inspect
-
     defaults = {k: p.default for k, p in inspect.signature(fn.fn).parameters.items()
                 if p.default is not inspect.Parameter.empty}
     signature, constants, attrs = {}, {}, {}
@@ -108,7 +94,8 @@ def _specialize(fn, args: dict, constexprs: dict):
             continue
         if name not in args:
             raise KeyError(f"{fn.__name__}: no representative value for argument {name!r}")
-        ty, how = spec(args[name])
+        # the launcher's own routine (Triton 3.6, on the GPU image, and newer): the answer a launch gets
+        ty, how = native_specialize_impl(BaseBackend, args[name], False, True, True)
         signature[name] = ty
         if ty == "constexpr":
             constants[(i,)] = how

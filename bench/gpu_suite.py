@@ -592,7 +592,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=None, help="seconds for the whole suite (default 480; 900 with --quick)")
     p.add_argument("--out", default=None, help="output folder (default bench/results/gpu_suite)")
     p.add_argument("--pack", default=None, help="folder that receives the packed results after every step (e.g. $OUT)")
-    p.add_argument("--only", nargs="+", default=None, metavar="STEP", help="run only these steps, in the order given (put what is still unmeasured first)")
+    p.add_argument("--only", nargs="+", default=None, metavar="STEP",
+                   help="run only these steps, in the order given (put what is still unmeasured first)")
     p.add_argument("--quick", action="store_true", help="every step at tiny sizes on CPU (the CI dry run)")
     p.add_argument("--list", action="store_true", help="print the plan with estimated seconds and exit")
     args = p.parse_args(argv)

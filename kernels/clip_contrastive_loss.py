@@ -229,6 +229,14 @@ if triton is not None:
         return g
 
     @triton.jit
+    def _column_tile(lse_b_ptr, b_rows, cols, col_mask, dcols, d_mask):
+        """What the gradient kernel needs of one column tile besides its S tile: the column LSE in base 2
+        (padded columns +inf, so their probabilities are exactly 0) and the (BLOCK_N, BLOCK_DO) chunk of B rows."""
+        rb = tl.load(lse_b_ptr + cols, mask=col_mask, other=float("inf")) * 1.4426950408889634
+        bo = tl.load(b_rows + dcols[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+        return rb, bo
+
+    @triton.jit
     def _row_stats_kernel(
         a_ptr, b_ptr, scale_ptr,            # A (NA, D), B (NB, D), s (1,)
         lse_ptr, w_ptr, diag_ptr,           # outputs (NA,) fp32 each
@@ -306,17 +314,14 @@ if triton is not None:
             col_mask = cols < NB
             b_rows = b_ptr + cols.to(tl.int64)[:, None] * stride_b
             if PREFETCH:
-                rb = tl.load(lse_b_ptr + cols, mask=col_mask, other=float("inf")) * 1.4426950408889634
-                bo = tl.load(b_rows + dcols[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+                rb, bo = _column_tile(lse_b_ptr, b_rows, cols, col_mask, dcols, d_mask)
             g = _cosine_tile(a_rows, b_rows, row_mask, col_mask, D,  # (BM, BN) cosines of this tile
                              BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION, EVEN_K)
-            t = g * qk
             if not PREFETCH:
-                rb = tl.load(lse_b_ptr + cols, mask=col_mask, other=float("inf")) * 1.4426950408889634
+                rb, bo = _column_tile(lse_b_ptr, b_rows, cols, col_mask, dcols, d_mask)
+            t = g * qk
             p = tl.exp2(t - ra[:, None]) + tl.exp2(t - rb[None, :])
             p = tl.where(col_mask[None, :], p, 0.0)  # (BM, BN) P^r + P^c
-            if not PREFETCH:
-                bo = tl.load(b_rows + dcols[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
             if UPCAST:
                 bo = bo.to(tl.float32)
             acc = tl.dot(p.to(bo.dtype), bo, acc, input_precision=PRECISION)
