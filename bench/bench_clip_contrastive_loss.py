@@ -2,7 +2,9 @@
 
 Side by side in one process on one device:
 
-* ``kclip``   - the fused Triton kernel (``kclip.kernels.clip_contrastive_loss``);
+* ``kclip``   - ``kclip.kernels.clip_contrastive_loss`` with its default strategy (chunked: cuBLAS GEMMs per
+  chunk of rows, Triton softmax kernels);
+* ``kclip_fused`` - the same function with ``strategy="fused"`` (tile kernels, S never stored);
 * ``eager``   - open_clip's ``ClipLoss`` (materialises two N x N logit matrices);
 * ``compile`` - ``torch.compile`` of ``clip_contrastive_loss_reference``;
 * ``inf_cl``  - Inf-CL (``from inf_cl import cal_inf_loss``), symmetric as
@@ -12,7 +14,7 @@ Side by side in one process on one device:
 Each record: provenance, N, D, dtype, impl, ms_median/p20/p80 of forward+backward, peak memory above the
 inputs (GPU), ``oom: true`` when that impl ran out of memory at that N. For ``kclip`` also the achieved
 TFLOP/s counted against the **4-matmul floor**, ``flops = 4 * N * N * D * 2`` (forward S once, backward
-S, dI, dT), and ``flops_executed = 6 * N * N * D * 2`` (the deterministic 6-pass plan it really runs).
+S, dI, dT), and ``flops_executed``: the matmuls each strategy really runs (5 chunked, 6 fused; kernel docstring).
 Compare TFLOP/s with the device's dense bf16 peak (H100 SXM ~989) for the 50%-of-peak target.
 
     python -m bench.bench_clip_contrastive_loss                 # GPU: N 1k..131072, D 512/768, bf16
@@ -21,6 +23,7 @@ Compare TFLOP/s with the device's dense bf16 peak (H100 SXM ~989) for the 50%-of
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -34,7 +37,7 @@ from bench import harness
 
 NAME = "clip_contrastive_loss"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-IMPLS = ("kclip", "eager", "compile", "inf_cl")
+IMPLS = ("kclip", "kclip_fused", "eager", "compile", "inf_cl")
 
 
 def _parse(argv):
@@ -52,8 +55,9 @@ def _parse(argv):
     p.add_argument("--tune", action="store_true",
                    help="instead of the comparison: time the kernel under other launch configurations (see "
                         "--tune-set), each checked against the default configuration's loss and gradients")
-    p.add_argument("--tune-set", choices=TUNE_SETS, default="all",
-                   help="pipeline: the default tiles with FLATTEN/PREFETCH; tiles: other tile shapes; all: both")
+    p.add_argument("--tune-set", choices=TUNE_SETS, nargs="+", default=["all"],
+                   help="pipeline: the fused default tiles with FLATTEN/PREFETCH; tiles: other fused tile shapes; "
+                        "chunk: the chunked strategy's rows and tiles; all: every set")
     p.add_argument("--profile", action="store_true",
                    help="also profile each impl (device vs host time per call, top kernels) into its record")
     p.add_argument("--results-dir", help="where the JSONL and the plot go (default bench/results)")
@@ -101,32 +105,50 @@ TUNE_GRAD = [dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, BLOCK_DO=512, num_warps=8,
 #            so their global-load latency hides behind the S GEMM
 TUNE_PIPELINE_STATS = [dict(FLATTEN=True)]
 TUNE_PIPELINE_GRAD = [dict(PREFETCH=True), dict(FLATTEN=True), dict(FLATTEN=True, PREFETCH=True)]
-TUNE_SETS = ("pipeline", "tiles", "all")
+# --tune-set chunk: the chunked strategy's chunk rows and kernel tiles (sm_90 guesses, untimed; merged into the
+# default). Rows trade workspace (R x N x 6 bytes in bf16) for larger cuBLAS GEMMs; small R may keep the fp32
+# cosines in L2 between the GEMM and the softmax kernel (R = 256 at N = 32k: 32 MiB).
+TUNE_CHUNK = [dict(rows=256), dict(rows=512), dict(rows=2048), dict(rows=4096),
+              dict(PAIR_M=16, PAIR_N=128), dict(PAIR_M=64, PAIR_N=64, num_warps=8), dict(COMBINE_M=4, COMBINE_C=128),
+              dict(PROBS_M=64, PROBS_N=128, num_warps=8), dict(PROBS_M=16, PROBS_N=512)]
+TUNE_SETS = ("pipeline", "tiles", "chunk", "all")
 # --quick (interpreter): one variant of each kernel, different from the interpreter's default tiles (the
 # interpreter runs FLATTEN/PREFETCH as the plain loop: there they check only that the options are accepted)
 TUNE_QUICK_STATS = [dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1, FLATTEN=True)]
 TUNE_QUICK_GRAD = [dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, BLOCK_DO=16, num_warps=4, num_stages=1, FLATTEN=True,
                         PREFETCH=True)]
+TUNE_QUICK_CHUNK = [dict(rows=7, STATS_M=2, STATS_N=32, PAIR_M=2, PAIR_N=16, COMBINE_M=2, COMBINE_C=8, PROBS_M=4, PROBS_N=32)]
+# which kernel configuration a varied kernel changes, and the launcher that reports it
+TUNE_CFG = {"stats": ("stats_cfg", "_stats_blocks"), "grad": ("grad_cfg", "_grad_blocks"),
+            "chunk": ("chunk_cfg", "_chunk_blocks")}
 
 
-def tune_variants(tune_set: str, quick: bool) -> list:
-    """[(varied kernel, stats override, grad override)]: the default first, then one kernel varied at a time."""
-    if tune_set not in TUNE_SETS:
-        raise ValueError(f"--tune-set must be one of {TUNE_SETS}, got {tune_set!r}")
-    variants = [("default", None, None)]
+def tune_variants(tune_sets, quick: bool) -> list:
+    """[(varied kernel, strategy, LAUNCH_OVERRIDES)]: each strategy's default first, then one kernel varied at a
+    time ("stats"/"grad": the fused strategy's kernels; "chunk": the chunked strategy's rows and tiles)."""
+    sets = {tune_sets} if isinstance(tune_sets, str) else set(tune_sets)
+    if not sets or not sets <= set(TUNE_SETS):
+        raise ValueError(f"--tune-set takes some of {TUNE_SETS}, got {sorted(sets)}")
+    if "all" in sets:
+        sets = set(TUNE_SETS)
     if quick:
-        return variants + [("stats", c, None) for c in TUNE_QUICK_STATS] + [("grad", None, c) for c in TUNE_QUICK_GRAD]
-    if tune_set in ("tiles", "all"):
-        variants += [("stats", c, None) for c in TUNE_STATS[1:]] + [("grad", None, c) for c in TUNE_GRAD[1:]]
-    if tune_set in ("pipeline", "all"):
-        variants += ([("stats", c, None) for c in TUNE_PIPELINE_STATS]
-                     + [("grad", None, c) for c in TUNE_PIPELINE_GRAD])
+        stats, grad, chunk = TUNE_QUICK_STATS, TUNE_QUICK_GRAD, TUNE_QUICK_CHUNK
+    else:
+        stats = (TUNE_STATS[1:] if "tiles" in sets else []) + (TUNE_PIPELINE_STATS if "pipeline" in sets else [])
+        grad = (TUNE_GRAD[1:] if "tiles" in sets else []) + (TUNE_PIPELINE_GRAD if "pipeline" in sets else [])
+        chunk = TUNE_CHUNK if "chunk" in sets else []
+    variants = []
+    if stats or grad:
+        variants += [("default", "fused", {})] + [("stats", "fused", {"stats": c}) for c in stats]
+        variants += [("grad", "fused", {"grad": c}) for c in grad]
+    if chunk:
+        variants += [("default", "chunked", {})] + [("chunk", "chunked", {"chunk": c}) for c in chunk]
     return variants
 
 
-def tune(ns, ds, dtype, device, log, prov, reps, tune_set: str = "all") -> list:
-    """Time fwd+bwd of the kernel under other launch configurations (one kernel varied at a time), checking
-    each variant's loss and gradients against the default configuration's."""
+def tune(ns, ds, dtype, device, log, prov, reps, tune_set=("all",)) -> list:
+    """Time fwd+bwd under other launch configurations (one kernel varied at a time, per strategy), checking each
+    variant's loss and gradients against the first variant's (the default configuration of its run)."""
     kmod = import_module("kclip.kernels.clip_contrastive_loss")
     variants = tune_variants(tune_set, quick=device.type == "cpu")
     records = []
@@ -134,31 +156,33 @@ def tune(ns, ds, dtype, device, log, prov, reps, tune_set: str = "all") -> list:
         for n in ns:
             img, txt, s = _inputs(n, d, dtype, device)
             want = None
-            for which, stats, grad in variants:
+            for which, strategy, overrides in variants:
                 kmod.LAUNCH_OVERRIDES.clear()
-                if stats:
-                    kmod.LAUNCH_OVERRIDES["stats"] = stats
-                if grad:
-                    kmod.LAUNCH_OVERRIDES["grad"] = grad
+                kmod.LAUNCH_OVERRIDES.update(overrides)
+                fn = functools.partial(kmod.clip_contrastive_loss, strategy=strategy)
                 rec = dict(prov, N=n, D=d, dtype=str(dtype).replace("torch.", ""), impl="kclip-tune", varied=which,
-                           tune_set=tune_set, stats_cfg=kmod._stats_blocks(d), grad_cfg=kmod._grad_blocks(d))
+                           strategy=strategy, tune_set=" ".join([tune_set] if isinstance(tune_set, str) else tune_set))
+                if strategy == "fused":
+                    rec.update(stats_cfg=kmod._stats_blocks(d), grad_cfg=kmod._grad_blocks(d))
+                else:
+                    rec.update(chunk_cfg=kmod._chunk_blocks(d))
                 try:
-                    _step(kmod.clip_contrastive_loss, img, txt, s)
-                    loss = kmod.clip_contrastive_loss(img, txt, s).detach().float()
+                    _step(fn, img, txt, s)
+                    loss = fn(img, txt, s).detach().float()
                     got = (loss, img.grad.float(), txt.grad.float(), s.grad.float())
                     if want is None:
                         want = got
                     rec["max_rel_err_vs_default"] = max(float((g - w).norm() / w.norm().clamp_min(1e-30))
                                                         for g, w in zip(got, want))
-                    rec.update(harness.time_fn(lambda: _step(kmod.clip_contrastive_loss, img, txt, s), device, **reps))
+                    rec.update(harness.time_fn(lambda: _step(fn, img, txt, s), device, **reps))
                     rec["tflops"] = 4 * n * n * d * 2 / (rec["ms_median"] * 1e-3) / 1e12
                 except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory / registers: a result
                     rec["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
                 finally:
                     kmod.LAUNCH_OVERRIDES.clear()
                 records.append(log.add(rec))
-                cfg = stats if which == "stats" else grad
-                print(f"tune N={n} D={d} {which:>7} {cfg or ''}: " + (rec.get("error") or
+                cfg = next(iter(overrides.values()), None)
+                print(f"tune N={n} D={d} {strategy:>7} {which:>7} {cfg or ''}: " + (rec.get("error") or
                       f"{rec['ms_median']:.3f} ms, {rec['tflops']:.0f} TFLOP/s, err {rec['max_rel_err_vs_default']:.1e}"),
                       flush=True)
             img = txt = s = None
@@ -169,7 +193,9 @@ def _make_impls(names, device, compile_ok):
     kmod = import_module("kclip.kernels.clip_contrastive_loss")
     impls = {}
     if "kclip" in names:
-        impls["kclip"] = kmod.clip_contrastive_loss
+        impls["kclip"] = kmod.clip_contrastive_loss  # the default strategy (chunked)
+    if "kclip_fused" in names:
+        impls["kclip_fused"] = functools.partial(kmod.clip_contrastive_loss, strategy="fused")
     if "eager" in names:
         from open_clip.loss import ClipLoss
         impls["eager"] = ClipLoss()
@@ -229,7 +255,7 @@ def main(argv=None):
                     img, txt, s = _inputs(n, d, dtype, device)
                     launches = kmod.TRITON_LAUNCHES
                     rec.update(harness.time_fn(lambda: _step(fn, img, txt, s), device, **reps))
-                    if name == "kclip":
+                    if name.startswith("kclip"):
                         rec["triton_path"] = kmod.TRITON_LAUNCHES > launches
                     # the gradients of the timed runs are still allocated: free them first, or the peak above
                     # the baseline would leave out the (N, D) gradient buffers every step allocates
@@ -249,9 +275,10 @@ def main(argv=None):
                     img = txt = s = None
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
-                if name == "kclip":
+                if name.startswith("kclip"):
+                    rec["strategy"] = "fused" if name == "kclip_fused" else kmod.DEFAULT_STRATEGY
                     rec["flops"] = 4 * n * n * d * 2
-                    rec["flops_executed"] = 6 * n * n * d * 2
+                    rec["flops_executed"] = (6 if rec["strategy"] == "fused" else 5) * n * n * d * 2
                     rec["flop_count"] = "floor: 4 matmuls of N*N*D (x2 flops each)"
                     if rec.get("ms_median"):
                         rec["tflops"] = rec["flops"] / (rec["ms_median"] * 1e-3) / 1e12

@@ -169,6 +169,28 @@ def contrastive(dtype: str, n: int = 32768):
                     Report(f"clip_contrastive_loss {name}", dtype, f"N={n} D={d}", cfg, role=role), kernel, args,
                     dict(UPCAST=False, PRECISION=prec, EVEN_K=d % cfg["BLOCK_K"] == 0, **kw),
                     cfg["num_warps"], cfg["num_stages"])
+    # the chunked strategy's softmax kernels: they read the fp32 cosines of R rows (no D, no tl.dot)
+    chunk = m._chunk_blocks(768)
+    rows = chunk["rows"]
+    chunk_stats = dict(g_ptr=f32, scale_ptr=f32, lse_ptr=f32, w_ptr=f32, diag_ptr=f32, R=rows, NB=n, row0=0,
+                       offset=0, stride_g=n)
+    chunk_probs = dict(g_ptr=f32, p_ptr=p, lse_a_ptr=f32, lse_b_ptr=f32, scale_ptr=f32, R=rows, NB=n, row0=0,
+                       offset=0, stride_g=n, stride_p=n)
+    ncb = triton.cdiv(n, chunk["PAIR_N"])
+    chunk_pair = dict(g_ptr=f32, scale_ptr=f32, part_ptr=f32, col_m_ptr=f32, col_l_ptr=f32, col_w_ptr=f32, R=rows,
+                      NB=n, NCB=ncb, stride_g=n)
+    chunk_combine = dict(part_ptr=f32, g_ptr=f32, lse_ptr=f32, w_ptr=f32, diag_ptr=f32, R=rows, NCB=ncb, row0=0,
+                         stride_g=n)
+    for name, kernel, args, blocks in (
+            ("chunk_row_stats", m._chunk_row_stats_kernel, chunk_stats, dict(BLOCK_M="STATS_M", BLOCK_N="STATS_N")),
+            ("chunk_pair_stats", m._chunk_pair_stats_kernel, chunk_pair, dict(BLOCK_M="PAIR_M", BLOCK_N="PAIR_N")),
+            ("chunk_row_combine", m._chunk_row_combine_kernel, chunk_combine,
+             dict(BLOCK_M="COMBINE_M", BLOCK_C="COMBINE_C")),
+            ("chunk_probs", m._chunk_probs_kernel, chunk_probs, dict(BLOCK_M="PROBS_M", BLOCK_N="PROBS_N"))):
+        constexprs = {k: chunk[v] for k, v in blocks.items()}
+        cfg = {**constexprs, "num_warps": chunk["num_warps"], "num_stages": 3}
+        yield compile_kernel(Report(f"clip_contrastive_loss {name}", dtype, f"N={n} R={rows}", cfg, role="default"),
+                             kernel, args, constexprs, cfg["num_warps"], cfg["num_stages"])
 
 
 def projected_mse(dtype: str, b: int = 4096, d: int = 512, d_out: int = 4096):

@@ -83,7 +83,7 @@ def plan() -> list[Step]:
                             "ClipLoss vs Inf-CL (N x N impls up to 32k)",
              ["-m", b + "bench_clip_contrastive_loss", "--ns", "16384", "32768", "131072", "--ds", "768", "512",
               "--impls", "kclip", "eager", "inf_cl", "--materialising-max-n", "32768"],
-             ["-m", b + "bench_clip_contrastive_loss", "--quick", "--impls", "kclip", "eager"], 80, 30, 150),
+             ["-m", b + "bench_clip_contrastive_loss", "--quick", "--impls", "kclip", "eager"], 100, 30, 180),
         Step("projected_mse", "projected_mse_loss fwd+bwd, B 4096, d 512, d' 4096: kernel, eager, compile, 3-GEMM floor",
              ["-m", b + "bench_projected_mse_loss", "--batch-sizes", "4096", "--dims", "512", "--d-out", "4096"],
              ["-m", b + "bench_projected_mse_loss", "--quick"], 60, 25, 120),
@@ -110,22 +110,22 @@ def plan() -> list[Step]:
               "--impls", "kernel", "eager", "floor", "--profile"],
              ["-m", b + "bench_projected_mse_loss", "--quick", "--batch-sizes", "64", "--impls", "kernel", "floor",
               "--profile"], 20, 10, 60),
-        Step("profile_contrastive", "profile clip_contrastive_loss N 16384, D 768: kclip, eager",
-             ["-m", b + "bench_clip_contrastive_loss", "--ns", "16384", "--ds", "768", "--impls", "kclip", "eager",
-              "--profile"],
-             ["-m", b + "bench_clip_contrastive_loss", "--quick", "--ns", "64", "--impls", "kclip", "--profile"],
-             25, 10, 60),
+        Step("profile_contrastive", "profile clip_contrastive_loss N 16384, D 768: kclip (chunked), kclip_fused, eager",
+             ["-m", b + "bench_clip_contrastive_loss", "--ns", "16384", "--ds", "768", "--impls", "kclip", "kclip_fused",
+              "eager", "--profile"],
+             ["-m", b + "bench_clip_contrastive_loss", "--quick", "--ns", "64", "--impls", "kclip", "kclip_fused",
+              "--profile"], 30, 10, 70),
         Step("profile_train_step", "profile the ViT-B-32 b256 bf16 step: kclip fused/reference, open_clip-style",
              ["-m", b + "bench_train_step", "--models", "ViT-B-32", "--batch-size", "256", "--steps", "10",
               "--warmup", "5", "--impls", "kclip-fused", "kclip-reference", "openclip-style", "--profile"],
              ["-m", b + "bench_train_step", "--quick", "--impls", "kclip-fused", "openclip-style", "--profile"],
              45, 25, 100),
-        # The tile shapes were swept on the H200 on 2026-11-30 (the D > 512 default came from it); this sweeps
-        # the untimed pipelining options (FLATTEN, PREFETCH) on the default tiles.
-        Step("contrastive_tune", "clip_contrastive_loss pipelining options at N 32k, D 768/512 (each checked "
-                                 "against the default's gradients)",
-             ["-m", b + "bench_clip_contrastive_loss", "--tune", "--tune-set", "pipeline", "--ns", "32768", "--ds",
-              "768", "512"],
+        # The fused tile shapes were swept on the H200 on 2026-11-30 (the D > 512 default came from it); this
+        # sweeps the chunked strategy's rows and tiles and the fused kernels' untimed pipelining options.
+        Step("contrastive_tune", "clip_contrastive_loss launch configurations at N 32k, D 768/512: chunked rows and "
+                                 "tiles, fused pipelining options (each checked against the first default's gradients)",
+             ["-m", b + "bench_clip_contrastive_loss", "--tune", "--tune-set", "chunk", "pipeline", "--ns", "32768",
+              "--ds", "768", "512"],
              ["-m", b + "bench_clip_contrastive_loss", "--quick", "--tune", "--ns", "48"], 60, 25, 120),
         Step("contrastive_compile", "clip_contrastive_loss vs torch.compile of the reference at N 16k",
              ["-m", b + "bench_clip_contrastive_loss", "--ns", "16384", "--ds", "768", "512", "--impls", "compile"],
@@ -418,7 +418,8 @@ def target_rows(results: Path, quick: bool = False) -> list[dict]:
     ns = sorted({r["N"] for r in cl if r.get("impl") == "kclip" and _ms(r)})
     n_small = at_["n_small"]
     for d in at_["ds"]:
-        at = {n: {impl: _latest(cl, N=n, D=d, impl=impl) for impl in ("kclip", "eager", "compile", "inf_cl")}
+        at = {n: {impl: _latest(cl, N=n, D=d, impl=impl) for impl in ("kclip", "kclip_fused", "eager", "compile",
+                                                                        "inf_cl")}
               for n in ns}
         if d == at_["mem_d"]:
             big = max((n for n in ns if at[n]["kclip"] and at[n]["kclip"].get("peak_mem_bytes")), default=None)
@@ -428,6 +429,10 @@ def target_rows(results: Path, quick: bool = False) -> list[dict]:
         n16 = at.get(n_small, {})
         rows.append(_row("contrastive vs eager (open_clip ClipLoss)", _div(_ms(n16.get("eager")), _ms(n16.get("kclip"))),
                          2.0, True, "x", f"D={d}, N={n_small}"))
+        if n16.get("kclip_fused"):  # the other strategy, side by side (kclip is the default strategy)
+            rows.append(_row("contrastive, fused strategy, vs eager", _div(_ms(n16.get("eager")),
+                                                                          _ms(n16.get("kclip_fused"))),
+                             2.0, True, "x", f"D={d}, N={n_small}", "kclip_fused"))
         rows.append(_row("contrastive vs torch.compile", _div(_ms(n16.get("compile")), _ms(n16.get("kclip"))),
                          1.5, True, "x", f"D={d}, N={n_small}"))
         inf = [(n, _div(_ms(at[n]["inf_cl"]), _ms(at[n]["kclip"]))) for n in ns]
@@ -511,27 +516,31 @@ def profile_rows(results: Path) -> list[dict]:
 
 
 def tune_rows(results: Path) -> list[dict]:
-    """The newest ``--tune`` run of the contrastive kernels: each variant's time against that run's default.
+    """The newest ``--tune`` run of the contrastive kernels: each variant's time against its strategy's default.
 
-    One row per (N, D, variant): which kernel was varied, what changed against the default configuration, ms,
-    speed-up over the default (> 1: faster) and the largest relative error of loss/gradients vs the default.
+    One row per (N, D, strategy, variant): which kernel was varied, what changed against the default
+    configuration, ms, speed-up over the default of the same strategy (> 1: faster) and the largest relative
+    error of loss/gradients vs the run's first default.
     """
+    from bench.bench_clip_contrastive_loss import TUNE_CFG
+
     recs = [r for r in load_results(results).get("clip_contrastive_loss", []) if r.get("impl") == "kclip-tune"]
     if not recs:
         return []
     run = recs[-1].get("run_id")
     recs = [r for r in recs if r.get("run_id") == run]
-    defaults = {(r["N"], r["D"]): r for r in recs if r.get("varied") == "default"}
+    strategy = lambda r: r.get("strategy", "fused")  # noqa: E731 - records before the chunked strategy: fused
+    defaults = {(r["N"], r["D"], strategy(r)): r for r in recs if r.get("varied") == "default"}
     rows = []
     for r in recs:
-        base = defaults.get((r["N"], r["D"]))
+        base = defaults.get((r["N"], r["D"], strategy(r)))
         which = r.get("varied")
-        cfg_key = "stats_cfg" if which == "stats" else "grad_cfg"
+        cfg_key = TUNE_CFG.get(which, ("grad_cfg",))[0]
         change = "–" if which == "default" or base is None else ", ".join(
             f"{k}={v}" for k, v in (r.get(cfg_key) or {}).items() if (base.get(cfg_key) or {}).get(k) != v) or "same"
         speedup = (_ms(base) / _ms(r)) if base and _ms(base) and _ms(r) else None
-        rows.append({"N": r["N"], "D": r["D"], "varied": which, "change": change, "ms": _ms(r), "speedup": speedup,
-                     "err": r.get("max_rel_err_vs_default"), "error": r.get("error")})
+        rows.append({"N": r["N"], "D": r["D"], "strategy": strategy(r), "varied": which, "change": change,
+                     "ms": _ms(r), "speedup": speedup, "err": r.get("max_rel_err_vs_default"), "error": r.get("error")})
     return rows
 
 
@@ -564,11 +573,12 @@ def render_summary(suite: dict, rows: list[dict], profiles: list[dict] | None = 
     if tunes:
         lines += ["", "Contrastive launch configurations (`--tune`, fwd+bwd; speed-up > 1: faster than the default; "
                   "error: largest relative difference of loss and gradients from the default)", "",
-                  "| N | D | kernel varied | change | ms | speed-up | max rel err |",
-                  "|---:|---:|---|---|---:|---:|---:|"]
+                  "| N | D | strategy | kernel varied | change | ms | speed-up | max rel err |",
+                  "|---:|---:|---|---|---|---:|---:|---:|"]
         for t in tunes:
             ms = t["error"][:60] if t["error"] else fmt(t["ms"], ".3f")
-            lines.append(f"| {t['N']} | {t['D']} | {t['varied']} | {t['change']} | {ms} | {fmt(t['speedup'], '.2f')} | "
+            lines.append(f"| {t['N']} | {t['D']} | {t['strategy']} | {t['varied']} | {t['change']} | {ms} | "
+                         f"{fmt(t['speedup'], '.2f')} | "
                          f"{fmt(t['err'], '.1e')} |")
     lines += ["", "| step | status | seconds | cap | note |", "|---|---|---:|---:|---|"]
     for s in suite.get("steps", []):

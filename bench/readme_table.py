@@ -58,8 +58,16 @@ def load_records(results_dir: Path) -> dict[str, list[dict]]:
         if bad:
             print(f"[readme_table] {path}: skipped {bad} unreadable line(s)")
         if recs:
-            out[path.stem] = recs
+            out[path.stem] = [_backfill(path.stem, r) for r in recs]
     return out
+
+
+def _backfill(bench: str, rec: dict) -> dict:
+    """Fields that records written before they existed imply: a contrastive ``kclip`` record without a
+    ``strategy`` was the fused kernel (the only strategy until the chunked one became the default)."""
+    if bench == "clip_contrastive_loss" and rec.get("impl") == "kclip" and "strategy" not in rec:
+        return {**rec, "strategy": "fused"}
+    return rec
 
 
 def config_of(bench: str, rec: dict) -> tuple:

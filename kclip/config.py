@@ -131,7 +131,8 @@ class LossConfig:
     alpha: float = 1.0                 # L_emb, projected-MSE text distillation
     beta: float = 0.01                 # L_conc, concept classification of images
     gamma: float = 1.0                 # L_cont, symmetric InfoNCE
-    contrastive_impl: str = "triton"   # triton | reference
+    # triton (the kernels' default strategy, chunked) | chunked | fused | reference (plain PyTorch, N x N logits)
+    contrastive_impl: str = "triton"
     distill_impl: str = "triton"       # triton | reference
     # The teacher target as L_emb, k-means and C see it: l2 | standardize | none. Measured on the embedded
     # default (bench/results/target_norm_tiny.md): at the default budget l2 is at least as good as the others;
@@ -148,7 +149,7 @@ class LossConfig:
 
     def __post_init__(self):
         _choice("loss.concept_path", self.concept_path, ("shared", "stopgrad", "separate"))
-        _choice("loss.contrastive_impl", self.contrastive_impl, ("triton", "reference"))
+        _choice("loss.contrastive_impl", self.contrastive_impl, ("triton", "chunked", "fused", "reference"))
         _choice("loss.distill_impl", self.distill_impl, ("triton", "reference"))
         _choice("loss.target_norm", self.target_norm, ("l2", "standardize", "none"))
         for k in ("alpha", "beta", "gamma"):

@@ -16,6 +16,8 @@ all-gather keeps this rank's slice in the graph (exact local gradient, no collec
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -41,7 +43,10 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch
     """
     from kclip import kernels
 
-    loss_fn = kernels.clip_contrastive_loss if impl == "triton" else kernels.clip_contrastive_loss_reference
+    if impl == "reference":
+        loss_fn = kernels.clip_contrastive_loss_reference
+    else:  # triton: the kernels' default strategy; chunked / fused: that strategy
+        loss_fn = functools.partial(kernels.clip_contrastive_loss, strategy=None if impl == "triton" else impl)
     if world_size == 1:
         return loss_fn(image, text, logit_scale)
     if group is None:

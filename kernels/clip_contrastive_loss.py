@@ -20,37 +20,56 @@ Backward, with grad_output ``g``, row softmax ``P^r_ij = exp(S_ij - r_i)`` and c
             with w^r_i = sum_j P^r_ij G_ij  and  w^c_j = sum_i P^c_ij G_ij
 
 Symmetry does half the work: ``S.T = s * T @ I.T``, so the column statistics of ``S`` are the row
-statistics of ``S.T`` and ``dT`` is ``dI`` with the roles of (I, r) and (T, c) swapped. There are two
-kernels, each launched twice (once per direction):
+statistics of ``S.T`` and ``dT`` is ``dI`` with the roles of (I, r) and (T, c) swapped. Both strategies
+below are built from two operations, each run twice (once per direction):
 
-* ``_row_stats_kernel(A, B)``: one program per block of rows of A; an online (base-2) softmax over
-  tiles of ``s * A @ B.T`` gives the row LSE, and in the same sweep the softmax-weighted mean cosine
-  ``w`` (so ``dL/ds`` is known at the end of forward and needs no extra backward work). The diagonal
-  ``G_ii`` (A_i . B_{i+offset}) is a tiny O(BLOCK_M * D) epilogue of the same program.
-* ``_grad_kernel(A, B, lse_A, lse_B)``: one program per (row block of A, chunk of D): recompute the
-  tile of ``S``, form ``P^r + P^c`` in registers, accumulate ``P @ B`` in fp32; the ``-2 delta`` term
-  is a rank-1 epilogue (``-2 B_{i+offset}``), not a per-tile mask.
+* row statistics of ``(A, B)``: an online (base-2) softmax over tiles of ``s * A @ B.T`` gives the row
+  LSE, and in the same sweep the softmax-weighted mean cosine ``w`` (so ``dL/ds`` is known at the end of
+  forward and needs no backward work) and the diagonal cosine ``G_ii`` (A_i . B_{i+offset});
+* the gradient of ``A``: recompute ``S``, form ``P^r + P^c - 2 delta`` and multiply by ``B``.
 
-Pass count (tile matmuls of N x N x D each): forward 2 (row pass, column pass); backward 4 (per
-direction: recompute S and the gradient GEMM) = **6**, versus the 4-matmul floor (1 forward + S, dI,
-dT in backward). The floor needs column statistics and dT accumulated across programs, i.e.
-floating-point atomics (order-dependent results) or an O(N^2 / block) buffer; both are refused here
-(determinism, O(N) memory). What is fused instead: the diagonal and the ``dL/ds`` statistics ride in
-the forward row passes (no diagonal mask or ds reduction in backward), and each backward program
-loads every B tile once for both of its GEMMs. When D > 512 the backward splits D into chunks of at
-most 512 columns, and each chunk recomputes its S tiles (D=768: 2 chunks of 512 padded, see limits).
+Pass count (matmuls of N x N x D each): forward 2 (row statistics both ways; 1 for ``"chunked"`` without a
+process group, below); backward 4 (per direction: recompute S and the gradient GEMM) = **6**, versus the
+4-matmul floor (1 forward + S, dI, dT in backward). The backward floor needs dT accumulated across
+programs, i.e. floating-point atomics (order-dependent results) or an O(N^2 / block) buffer (fused), or an
+N x D fp32 accumulator updated by every chunk (chunked); none is done here.
 
-Determinism: no atomics; every reduction is inside one program in a fixed order, or a ``torch.sum``
-over an O(N) vector. Two runs give bit-identical loss and gradients.
+Two strategies (``strategy=``; ``DEFAULT_STRATEGY`` is ``"chunked"``):
 
-Memory: saved for backward are the inputs and O(N) fp32 statistics (r, c, diag); the only
-temporaries are the gradients themselves. No N x N tensor exists at any point.
+* ``"chunked"`` (default): the rows of A go in chunks of R (1024 on the GPU). Per chunk, cuBLAS computes
+  the cosines ``G = A_chunk @ B.T`` with fp32 accumulation into an R x N fp32 workspace
+  (``torch.mm(..., out_dtype=torch.float32)``), and Triton kernels sweep G. Forward without a process
+  group needs ONE GEMM per chunk for both directions: ``_chunk_pair_stats_kernel`` folds the chunk's rows
+  into running column statistics (chunks in a fixed order: deterministic, no atomics) and leaves per-row
+  partials that ``_chunk_row_combine_kernel`` reduces (with the diagonal); distributed, each direction runs
+  its own row statistics (``_chunk_row_stats_kernel``). Backward, per direction and chunk,
+  ``_chunk_probs_kernel`` writes ``P^r + P^c - 2 delta`` in the inputs' dtype and cuBLAS forms ``P @ B``
+  (fp32 result, scaled by ``s * g / (2N)`` and cast once). Matmuls: 1 + 4 = **5** (6 distributed), all at
+  cuBLAS speed; the price is O(R N) workspace (R x N x (4 + itemsize) bytes: 6 KiB per sample in bf16 at
+  R = 1024, whatever N) and memory traffic over it (per element of S about 8 bytes forward and 12 per
+  backward direction). This is the plan of Liger-Kernel's fused linear cross-entropy: chunked GEMMs,
+  fused softmax.
+* ``"fused"``: one Triton program per block of rows computes its tiles of S with ``tl.dot`` and never
+  writes them (``_row_stats_kernel``, ``_grad_kernel``: one program per (row block of A, chunk of D),
+  the ``-2 delta`` term a rank-1 epilogue). O(N) memory beyond the gradients, but measured on an H200 at
+  5-10% of the bf16 matmul ceiling (see Limits). When D > 512 the backward splits D into chunks, and each
+  chunk recomputes its S tiles (D=768: 3 chunks of 256).
+
+Determinism: no atomics; every reduction is inside one program in a fixed order, a ``torch.sum`` over an
+O(N) vector, or one cuBLAS GEMM per chunk (cuBLAS is bitwise reproducible for fixed shapes on one
+stream). Two runs give bit-identical loss and gradients.
+
+Memory: saved for backward are the inputs and O(N) fp32 statistics (r, c, diag). Temporaries: the
+gradients, and for ``"chunked"`` the R x N workspace (above) and an R x D fp32 buffer. No N x N tensor
+exists at any point.
 
 Precision: inputs fp32/bf16/fp16, fp32 accumulation and fp32 softmax statistics. fp32 inputs use
-IEEE fp32 dot products on the GPU (no TF32) so that they match the fp32 reference. The loss is
-returned in fp32 (as ``F.cross_entropy`` under autocast would); gradients come back in the input
-dtypes. Under the Triton CPU interpreter low-precision operands are upcast to fp32 before ``tl.dot``
-(the interpreter mis-computes bf16 dots).
+IEEE fp32 dot products on the GPU (no TF32: ``"fused"`` always, ``"chunked"`` unless the caller turned
+on ``torch.backends.cuda.matmul.allow_tf32``) so that they match the fp32 reference. The probabilities
+meet B in the inputs' dtype in both strategies. The loss is returned in fp32 (as ``F.cross_entropy``
+under autocast would); gradients come back in the input dtypes. Under the Triton CPU interpreter
+low-precision operands are upcast to fp32 before ``tl.dot`` (the interpreter mis-computes bf16 dots),
+and the chunked strategy's GEMMs run in fp32 on the upcast values (CPU has no bf16 -> fp32 GEMM).
 
 Distributed (``process_group`` given)
 -------------------------------------
@@ -80,10 +99,10 @@ all-gather when a group first sees a local size, not on every step: see ``_check
 error tells you what to do otherwise). ``logit_scale`` must have one element. Rows
 are assumed L2-normalised only for the cost model; the maths is exact for any rows. Without CUDA and
 without ``TRITON_INTERPRET=1`` the PyTorch reference runs (distributed too, with an all-gather that
-keeps local gradients). Backward programs hold a BLOCK_M x BLOCK_DO fp32 accumulator: D <= 512 in
-one chunk; D > 512 in 256-wide chunks that each recompute their S tiles (D=768: 3 chunks). GPU block
-sizes are fixed heuristics (no autotune), timed on an H200 (``--tune``). Measured there
-(bench/results/clip_contrastive_loss.jsonl), this plan reaches only 42-78 TFLOP/s of useful work (4-matmul
+keeps local gradients). ``"fused"``: backward programs hold a BLOCK_M x BLOCK_DO fp32 accumulator: D <= 512
+in one chunk; D > 512 in 256-wide chunks that each recompute their S tiles (D=768: 3 chunks). GPU block
+sizes of both strategies are fixed heuristics (no autotune), timed on an H200 (``--tune``). Measured there
+(bench/results/clip_contrastive_loss.jsonl), the fused plan reaches only 42-78 TFLOP/s of useful work (4-matmul
 count) at N=32k: 5-10% of the 782 TFLOP/s bf16 matmul ceiling, and eager PyTorch (cuBLAS logits) is 3-7x
 faster wherever its N x N logits fit. The kernel wins on memory (O(N) above the inputs) and against Inf-CL
 (2.4-4.2x); closing the speed gap is open work. Register spills are not the cause: compiled as a launch
@@ -92,7 +111,9 @@ What the compiled code shows instead: the D loop nested in the column loop drain
 at the end of every column tile, the gradient kernel loads each tile's B rows only after its S tile
 (unpipelined), and each tile waits for its P @ B GEMM to finish. The launch options ``FLATTEN`` and
 ``PREFETCH`` (off until timed) address the first two; ``bench_clip_contrastive_loss --tune --tune-set
-pipeline`` times them.
+pipeline`` times them. That measurement is why ``"chunked"``, whose matmuls are cuBLAS's, is the default;
+it has not run on a GPU yet (its cost model above is arithmetic, not a measurement), and
+``bench_clip_contrastive_loss`` times both strategies side by side (``kclip`` and ``kclip_fused``).
 """
 from __future__ import annotations
 
@@ -229,6 +250,21 @@ if triton is not None:
         return g
 
     @triton.jit
+    def _online_softmax_step(m, l, w, g, t):
+        """Fold one (BM, BN) tile of base-2 logits ``t`` (cosines ``g``) into the running row max ``m``, sum of
+        exponentials ``l`` and exponential-weighted cosine sum ``w`` (both kernels' forward sweeps use it)."""
+        m_new = tl.maximum(m, tl.max(t, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(t - m_new[:, None])
+        return m_new, l * alpha + tl.sum(p, axis=1), w * alpha + tl.sum(p * g, axis=1)
+
+    @triton.jit
+    def _pair_probs(g, qk, ra, rb):
+        """P^r + P^c of a tile: exp(S - r_i) + exp(S - c_j) in base 2 (``ra``, ``rb``: LSEs times log2(e))."""
+        t = g * qk
+        return tl.exp2(t - ra[:, None]) + tl.exp2(t - rb[None, :])
+
+    @triton.jit
     def _column_tile(lse_b_ptr, b_rows, cols, col_mask, dcols, d_mask):
         """What the gradient kernel needs of one column tile besides its S tile: the column LSE in base 2
         (padded columns +inf, so their probabilities are exactly 0) and the (BLOCK_N, BLOCK_DO) chunk of B rows."""
@@ -262,12 +298,7 @@ if triton is not None:
             g = _cosine_tile(a_rows, b_rows, row_mask, col_mask, D,  # (BM, BN) cosines of this tile
                              BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION, EVEN_K)
             t = tl.where(col_mask[None, :], g * qk, float("-inf"))  # (BM, BN) base-2 logits
-            m_new = tl.maximum(m, tl.max(t, axis=1))
-            alpha = tl.exp2(m - m_new)
-            p = tl.exp2(t - m_new[:, None])
-            l = l * alpha + tl.sum(p, axis=1)
-            w = w * alpha + tl.sum(p * g, axis=1)
-            m = m_new
+            m, l, w = _online_softmax_step(m, l, w, g, t)
 
         lse = m * 0.6931471805599453 + tl.log(l)
         tl.store(lse_ptr + rows, lse, mask=row_mask)
@@ -319,9 +350,7 @@ if triton is not None:
                              BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION, EVEN_K)
             if not PREFETCH:
                 rb, bo = _column_tile(lse_b_ptr, b_rows, cols, col_mask, dcols, d_mask)
-            t = g * qk
-            p = tl.exp2(t - ra[:, None]) + tl.exp2(t - rb[None, :])
-            p = tl.where(col_mask[None, :], p, 0.0)  # (BM, BN) P^r + P^c
+            p = tl.where(col_mask[None, :], _pair_probs(g, qk, ra, rb), 0.0)  # (BM, BN) P^r + P^c
             if UPCAST:
                 bo = bo.to(tl.float32)
             acc = tl.dot(p.to(bo.dtype), bo, acc, input_precision=PRECISION)
@@ -333,6 +362,133 @@ if triton is not None:
         acc = (acc - 2.0 * bd) * (s * coef)
         da_rows = da_ptr + rows.to(tl.int64)[:, None] * stride_da
         tl.store(da_rows + dcols[None, :], acc.to(da_ptr.dtype.element_ty), mask=out_mask)
+
+
+    # --- chunked strategy: the cosines of a chunk of rows come from cuBLAS, these kernels do the softmax ---
+    @triton.jit
+    def _chunk_row_stats_kernel(
+        g_ptr, scale_ptr,                   # G (R, NB) fp32: cosines of this chunk's rows; s (1,)
+        lse_ptr, w_ptr, diag_ptr,           # outputs (NA,) fp32 each; this chunk fills rows row0 .. row0 + R
+        R, NB, row0, offset, stride_g,      # the positive of chunk row i is column row0 + i + offset
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """Row LSE of s*G, softmax-weighted mean cosine w and the diagonal cosine, for BLOCK_M rows of G."""
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # chunk-local
+        row_mask = rows < R
+        g_rows = g_ptr + rows.to(tl.int64)[:, None] * stride_g
+        qk = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
+        m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l = tl.zeros((BLOCK_M,), tl.float32)
+        w = tl.zeros((BLOCK_M,), tl.float32)
+        for n0 in range(0, NB, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_mask = cols < NB
+            g = tl.load(g_rows + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)  # (BM, BN)
+            t = tl.where(col_mask[None, :], g * qk, float("-inf"))
+            m, l, w = _online_softmax_step(m, l, w, g, t)
+        out = row0 + rows
+        tl.store(lse_ptr + out, m * 0.6931471805599453 + tl.log(l), mask=row_mask)
+        tl.store(w_ptr + out, w / l, mask=row_mask)
+        diag = tl.load(g_ptr + rows.to(tl.int64) * stride_g + (out + offset), mask=row_mask, other=0.0)
+        tl.store(diag_ptr + out, diag, mask=row_mask)
+
+    @triton.jit
+    def _chunk_pair_stats_kernel(
+        g_ptr, scale_ptr,                   # G (R, NB) fp32: cosines of this chunk's rows against all columns
+        part_ptr,                           # out (3, NCB, R) fp32: per (column block, row) max, sum, weighted sum
+        col_m_ptr, col_l_ptr, col_w_ptr,    # (NB,) fp32 running column statistics (base-2 max), read and updated
+        R, NB, NCB, stride_g,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """One read of G for both directions: fold the chunk's rows into the running column statistics of its
+        BLOCK_N columns (a fixed chunk order: deterministic) and leave each row's partial over these columns."""
+        pid = tl.program_id(0)
+        cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < NB
+        qk = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
+        cm = tl.load(col_m_ptr + cols, mask=col_mask, other=0.0)
+        cl = tl.load(col_l_ptr + cols, mask=col_mask, other=0.0)
+        cw = tl.load(col_w_ptr + cols, mask=col_mask, other=0.0)
+        for m0 in range(0, R, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            row_mask = rows < R
+            mask = row_mask[:, None] & col_mask[None, :]
+            g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * stride_g + cols[None, :], mask=mask, other=0.0)
+            t = tl.where(mask, g * qk, float("-inf"))  # (BM, BN) base-2 logits; padding never counts
+            # columns: the same online step as the rows', along axis 0 (padded columns see finite zeros: unused)
+            tc = tl.where(col_mask[None, :], t, 0.0)
+            m_new = tl.maximum(cm, tl.max(tc, axis=0))
+            alpha = tl.exp2(cm - m_new)
+            pc = tl.exp2(tc - m_new[None, :])
+            cl = cl * alpha + tl.sum(pc, axis=0)
+            cw = cw * alpha + tl.sum(pc * g, axis=0)
+            cm = m_new
+            # rows: this tile's partial over the block's columns (padded rows: a finite max, sums of 0, not stored)
+            rm = tl.where(row_mask, tl.max(t, axis=1), 0.0)
+            pr = tl.exp2(t - rm[:, None])
+            part = part_ptr + pid * R + rows  # contiguous rows: coalesced stores
+            tl.store(part, rm, mask=row_mask)
+            tl.store(part + R * NCB, tl.sum(pr, axis=1), mask=row_mask)
+            tl.store(part + 2 * R * NCB, tl.sum(pr * g, axis=1), mask=row_mask)
+        tl.store(col_m_ptr + cols, cm, mask=col_mask)
+        tl.store(col_l_ptr + cols, cl, mask=col_mask)
+        tl.store(col_w_ptr + cols, cw, mask=col_mask)
+
+    @triton.jit
+    def _chunk_row_combine_kernel(
+        part_ptr, g_ptr,                    # partials (3, NCB, R) of _chunk_pair_stats_kernel; G (R, NB) fp32
+        lse_ptr, w_ptr, diag_ptr,           # outputs (NA,) fp32; this chunk fills rows row0 .. row0 + R
+        R, NCB, row0, stride_g,
+        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        """Row LSE, w and diagonal cosine of BLOCK_M rows from their per-column-block partials, in block order."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < R
+        m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l = tl.zeros((BLOCK_M,), tl.float32)
+        w = tl.zeros((BLOCK_M,), tl.float32)
+        for c0 in range(0, NCB, BLOCK_C):
+            cb = c0 + tl.arange(0, BLOCK_C)
+            mask = row_mask[:, None] & (cb < NCB)[None, :]
+            part = part_ptr + cb[None, :] * R + rows[:, None]
+            pm = tl.load(part, mask=mask, other=float("-inf"))
+            pl = tl.load(part + R * NCB, mask=mask, other=0.0)
+            pw = tl.load(part + 2 * R * NCB, mask=mask, other=0.0)
+            m_new = tl.maximum(m, tl.max(pm, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # padded rows: keep them finite
+            scale = tl.exp2(pm - m_safe[:, None])
+            alpha = tl.exp2(m - m_safe)
+            l = l * alpha + tl.sum(pl * scale, axis=1)
+            w = w * alpha + tl.sum(pw * scale, axis=1)
+            m = m_new
+        out = row0 + rows
+        l = tl.where(row_mask, l, 1.0)  # padded rows: finite, never stored
+        tl.store(lse_ptr + out, m * 0.6931471805599453 + tl.log(l), mask=row_mask)
+        tl.store(w_ptr + out, w / l, mask=row_mask)
+        diag = tl.load(g_ptr + rows.to(tl.int64) * stride_g + out, mask=row_mask, other=0.0)
+        tl.store(diag_ptr + out, diag, mask=row_mask)
+
+    @triton.jit
+    def _chunk_probs_kernel(
+        g_ptr, p_ptr, lse_a_ptr, lse_b_ptr, scale_ptr,  # G (R, NB) fp32 -> P (R, NB) in the inputs' dtype
+        R, NB, row0, offset, stride_g, stride_p,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """P[i, j] = exp(S_ij - lseA_i) + exp(S_ij - lseB_j) - 2 delta_ij for one (BLOCK_M, BLOCK_N) tile."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # chunk-local
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < R
+        col_mask = cols < NB
+        mask = row_mask[:, None] & col_mask[None, :]
+        qk = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
+        ra = tl.load(lse_a_ptr + row0 + rows, mask=row_mask, other=float("inf")) * 1.4426950408889634
+        rb = tl.load(lse_b_ptr + cols, mask=col_mask, other=float("inf")) * 1.4426950408889634
+        g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * stride_g + cols[None, :], mask=mask, other=0.0)
+        p = _pair_probs(g, qk, ra, rb)
+        p = tl.where((row0 + rows + offset)[:, None] == cols[None, :], p - 2.0, p)
+        tl.store(p_ptr + rows.to(tl.int64)[:, None] * stride_p + cols[None, :], p.to(p_ptr.dtype.element_ty),
+                 mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -374,17 +530,15 @@ def _grad_blocks(D: int):
             **LAUNCH_OVERRIDES.get("grad", {})}
 
 
-def _row_stats(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, offset: int):
-    """Row LSE, weighted mean cosine and diagonal cosine of s * a @ b.T.
+def _row_stats_fused(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, offset: int):
+    """Row LSE, weighted mean cosine and diagonal cosine of s * a @ b.T (fused: S tiles never leave the kernel).
 
     Shapes: a (NA, D), b (NB, D), scale (1,) fp32 -> three fp32 (NA,) vectors.
     """
     global TRITON_LAUNCHES
     NA, D = a.shape
     NB = b.shape[0]
-    lse = torch.empty(NA, device=a.device, dtype=torch.float32)  # (NA,)
-    w = torch.empty_like(lse)  # (NA,)
-    diag = torch.empty_like(lse)  # (NA,)
+    lse, w, diag = _row_outputs(NA, a.device)  # (NA,) each
     cfg = _stats_blocks(D)
     grid = (cdiv(NA, cfg["BLOCK_M"]),)
     _row_stats_kernel[grid](
@@ -395,8 +549,8 @@ def _row_stats(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, offset: in
     return lse, w, diag
 
 
-def _grad(a, b, lse_a, lse_b, scale, coef, offset: int) -> torch.Tensor:
-    """dA = s * coef * ((P^r + P^c) @ b - 2 b[offset + i]) without forming P.
+def _grad_fused(a, b, lse_a, lse_b, scale, coef, offset: int) -> torch.Tensor:
+    """dA = s * coef * ((P^r + P^c) @ b - 2 b[offset + i]) without forming P (fused).
 
     Shapes: a (NA, D), b (NB, D), lse_a (NA,), lse_b (NB,), scale/coef (1,) fp32 -> (NA, D) in a.dtype.
     """
@@ -414,6 +568,144 @@ def _grad(a, b, lse_a, lse_b, scale, coef, offset: int) -> torch.Tensor:
     return da
 
 
+def _chunk_blocks(D: int):
+    """Chunk rows R (the workspace is R x NB: fp32 cosines + probabilities in the inputs' dtype) and the tiles
+    of the chunk kernels (STATS: row statistics, PAIR/COMBINE: both directions' forward statistics, PROBS: the
+    backward probabilities). R = 1024 keeps the workspace at 6 KiB per sample in bf16, whatever N. GPU tiles are
+    sm_90 guesses until ``bench_clip_contrastive_loss --tune --tune-set chunk`` times them."""
+    if interpreting():  # small chunks so tests cross several chunks, row blocks and column tiles
+        base = dict(rows=16, STATS_M=4, STATS_N=16, PAIR_M=4, PAIR_N=8, COMBINE_M=4, COMBINE_C=4, PROBS_M=8,
+                    PROBS_N=16, num_warps=4)
+    else:
+        base = dict(rows=1024, STATS_M=2, STATS_N=1024, PAIR_M=32, PAIR_N=64, COMBINE_M=16, COMBINE_C=64,
+                    PROBS_M=32, PROBS_N=128, num_warps=4)
+    return {**base, **LAUNCH_OVERRIDES.get("chunk", {})}
+
+
+def _gemm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = a @ b with fp32 accumulation and an fp32 result (cuBLAS ``out_dtype`` for bf16/fp16 on CUDA).
+
+    Shapes: a (M, K), b (K, N) (a transposed view is fine), out (M, N) fp32 contiguous.
+    """
+    if a.dtype == torch.float32:
+        return torch.mm(a, b, out=out)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    return torch.mm(a.float(), b.float(), out=out)  # CPU (interpreter tests): the same products in fp32
+
+
+def _row_outputs(n: int, device: torch.device):
+    """Empty fp32 (n,) vectors for the row LSE, the weighted mean cosine w and the diagonal cosine."""
+    lse = torch.empty(n, device=device, dtype=torch.float32)
+    return lse, torch.empty_like(lse), torch.empty_like(lse)
+
+
+def _cosine_chunks(a: torch.Tensor, b: torch.Tensor, rows: int):
+    """Yield (row0, r, G) per chunk of ``rows`` rows of a, in order: G[:r] = a[row0:row0 + r] @ b.T in fp32, by
+    cuBLAS into one (rows, NB) fp32 workspace reused by every chunk (valid until the next chunk)."""
+    g = torch.empty(rows, b.shape[0], device=a.device, dtype=torch.float32)  # (R, NB) workspace
+    bt = b.T  # (D, NB) view
+    for row0 in range(0, a.shape[0], rows):
+        r = min(rows, a.shape[0] - row0)
+        _gemm_fp32(a[row0:row0 + r], bt, g[:r])
+        yield row0, r, g
+
+
+def _row_stats_chunked(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, offset: int):
+    """As ``_row_stats_fused``; per chunk of R rows of a, G = a_chunk @ b.T by cuBLAS into an R x NB fp32
+    workspace, then one Triton sweep over G for the row LSE, w and the diagonal."""
+    global TRITON_LAUNCHES
+    NA, D = a.shape
+    NB = b.shape[0]
+    lse, w, diag = _row_outputs(NA, a.device)  # (NA,) each
+    cfg = _chunk_blocks(D)
+    for row0, r, g in _cosine_chunks(a, b, min(NA, cfg["rows"])):
+        _chunk_row_stats_kernel[(cdiv(r, cfg["STATS_M"]),)](
+            g, scale, lse, w, diag, r, NB, row0, offset, g.stride(0),
+            BLOCK_M=cfg["STATS_M"], BLOCK_N=cfg["STATS_N"], num_warps=cfg["num_warps"])
+        TRITON_LAUNCHES += 1
+    return lse, w, diag
+
+
+def _pair_stats_chunked(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor):
+    """Both directions' statistics of s * a @ b.T (no process group) from ONE GEMM per chunk of rows of a: the
+    row statistics of a (LSE, w, diagonal) and the column statistics (the row statistics of b against a).
+
+    Shapes: a (N, D), b (N, D), scale (1,) fp32 -> (r, w_r, diag, c, w_c), fp32 (N,) each.
+    """
+    global TRITON_LAUNCHES
+    NA, D = a.shape
+    NB = b.shape[0]
+    cfg = _chunk_blocks(D)
+    rows = min(NA, cfg["rows"])
+    ncb = cdiv(NB, cfg["PAIR_N"])
+    lse, w, diag = _row_outputs(NA, a.device)  # (NA,) each
+    col = torch.zeros(3, NB, device=a.device, dtype=torch.float32)  # (3, NB) running base-2 max, sum, w-sum
+    col[0].fill_(float("-inf"))
+    part = torch.empty(3, ncb, rows, device=a.device, dtype=torch.float32)  # (3, NCB, R) row partials
+    for row0, r, g in _cosine_chunks(a, b, rows):  # chunks in a fixed order: deterministic column statistics
+        _chunk_pair_stats_kernel[(ncb,)](
+            g, scale, part, col[0], col[1], col[2], r, NB, ncb, g.stride(0),
+            BLOCK_M=cfg["PAIR_M"], BLOCK_N=cfg["PAIR_N"], num_warps=cfg["num_warps"])
+        _chunk_row_combine_kernel[(cdiv(r, cfg["COMBINE_M"]),)](
+            part, g, lse, w, diag, r, ncb, row0, g.stride(0),
+            BLOCK_M=cfg["COMBINE_M"], BLOCK_C=cfg["COMBINE_C"], num_warps=cfg["num_warps"])
+        TRITON_LAUNCHES += 2
+    col_lse = col[0] * 0.6931471805599453 + torch.log(col[1])  # (NB,)
+    return lse, w, diag, col_lse, col[2] / col[1]
+
+
+def _grad_chunked(a, b, lse_a, lse_b, scale, coef, offset: int) -> torch.Tensor:
+    """As ``_grad_fused``; per chunk of R rows of a: G by cuBLAS, P = P^r + P^c - 2 delta by a Triton kernel
+    into the inputs' dtype, then dA_chunk = s * coef * (P @ b) by cuBLAS (fp32 result, scaled, cast once)."""
+    global TRITON_LAUNCHES
+    NA, D = a.shape
+    NB = b.shape[0]
+    da = torch.empty_like(a)  # (NA, D)
+    cfg = _chunk_blocks(D)
+    rows = min(NA, cfg["rows"])
+    p = torch.empty(rows, NB, device=a.device, dtype=a.dtype)  # (R, NB) P^r + P^c - 2 delta
+    acc = torch.empty(rows, D, device=a.device, dtype=torch.float32)  # (R, D) P @ b in fp32
+    factor = scale * coef  # (1,) s * g / (2N), on device: no host sync
+    for row0, r, g in _cosine_chunks(a, b, rows):
+        grid = (cdiv(r, cfg["PROBS_M"]), cdiv(NB, cfg["PROBS_N"]))
+        _chunk_probs_kernel[grid](
+            g, p, lse_a, lse_b, scale, r, NB, row0, offset, g.stride(0), p.stride(0),
+            BLOCK_M=cfg["PROBS_M"], BLOCK_N=cfg["PROBS_N"], num_warps=cfg["num_warps"])
+        TRITON_LAUNCHES += 1
+        _gemm_fp32(p[:r], b, acc[:r])
+        torch.mul(acc[:r], factor, out=da[row0:row0 + r])
+    return da
+
+
+STRATEGIES = ("chunked", "fused")
+# The strategy ``clip_contrastive_loss`` runs when none is asked for (see the module docstring).
+DEFAULT_STRATEGY = "chunked"
+
+
+def _resolve_strategy(strategy: str | None, device: torch.device) -> str:
+    """The strategy to run: the one asked for, else ``DEFAULT_STRATEGY``; the chunked strategy's bf16/fp16 ->
+    fp32 GEMM (``torch.mm(..., out_dtype=)``) needs torch >= 2.8 on CUDA, so the default falls back to fused."""
+    if strategy is not None and strategy not in STRATEGIES:
+        raise ValueError(f"clip_contrastive_loss: strategy must be one of {STRATEGIES} or None, got {strategy!r}")
+    chosen = DEFAULT_STRATEGY if strategy is None else strategy
+    if chosen == "chunked" and device.type == "cuda" and "dtype" not in torch.ops.aten.mm.overloads():
+        if strategy == "chunked":
+            raise RuntimeError(
+                f"clip_contrastive_loss: strategy='chunked' needs torch.mm(..., out_dtype=torch.float32) on CUDA "
+                f"(torch >= 2.8; this is torch {torch.__version__}). Upgrade torch, or pass strategy='fused'.")
+        chosen = "fused"
+    return chosen
+
+
+def _row_stats(a, b, scale, offset: int, strategy: str):
+    return (_row_stats_chunked if strategy == "chunked" else _row_stats_fused)(a, b, scale, offset)
+
+
+def _grad(a, b, lse_a, lse_b, scale, coef, offset: int, strategy: str):
+    return (_grad_chunked if strategy == "chunked" else _grad_fused)(a, b, lse_a, lse_b, scale, coef, offset)
+
+
 def _all_gather_rows(x: torch.Tensor, process_group) -> torch.Tensor:
     """(N_p, ...) on each rank -> (P * N_p, ...) in rank order, no autograd."""
     import torch.distributed as dist
@@ -428,7 +720,7 @@ def _all_gather_rows(x: torch.Tensor, process_group) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 class _ClipContrastiveLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, image_emb, text_emb, logit_scale, process_group):
+    def forward(ctx, image_emb, text_emb, logit_scale, process_group, strategy):
         img = image_emb.detach().contiguous()  # (N_p, D)
         txt = text_emb.detach().contiguous()  # (N_p, D)
         scale = logit_scale.detach().reshape(1).to(device=img.device, dtype=torch.float32)  # (1,)
@@ -442,8 +734,11 @@ class _ClipContrastiveLoss(torch.autograd.Function):
             img_all = _all_gather_rows(img, process_group)  # (N, D)
             txt_all = _all_gather_rows(txt, process_group)  # (N, D)
 
-        r, w_r, diag = _row_stats(img, txt_all, scale, offset)  # row pass: local rows of S
-        c, w_c, _ = _row_stats(txt, img_all, scale, offset)  # column pass: local columns of S
+        if process_group is None and strategy == "chunked":  # one GEMM per chunk serves both directions
+            r, w_r, diag, c, w_c = _pair_stats_chunked(img, txt, scale)
+        else:
+            r, w_r, diag = _row_stats(img, txt_all, scale, offset, strategy)  # row pass: local rows of S
+            c, w_c, _ = _row_stats(txt, img_all, scale, offset, strategy)  # column pass: local columns of S
         stats = torch.stack([r, c, diag, w_r, w_c], dim=1)  # (N_p, 5)
         if process_group is not None:
             stats = _all_gather_rows(stats, process_group)  # (N, 5), identical on every rank
@@ -456,6 +751,7 @@ class _ClipContrastiveLoss(torch.autograd.Function):
         c_all = stats[:, 1].contiguous() if process_group is not None else c  # (N,)
         ctx.save_for_backward(img, txt, img_all, txt_all, scale, r, c, r_all, c_all, dloss_dscale)
         ctx.offset = offset
+        ctx.strategy = strategy
         ctx.n_total = n_total
         ctx.scale_shape = logit_scale.shape
         ctx.scale_dtype = logit_scale.dtype
@@ -468,19 +764,19 @@ class _ClipContrastiveLoss(torch.autograd.Function):
         coef = g / (2 * ctx.n_total)  # (1,) stays on device: no host sync
         d_img = d_txt = d_scale = None
         if ctx.needs_input_grad[0]:
-            d_img = _grad(img, txt_all, r, c_all, scale, coef, ctx.offset)  # (N_p, D)
+            d_img = _grad(img, txt_all, r, c_all, scale, coef, ctx.offset, ctx.strategy)  # (N_p, D)
         if ctx.needs_input_grad[1]:
-            d_txt = _grad(txt, img_all, c, r_all, scale, coef, ctx.offset)  # (N_p, D)
+            d_txt = _grad(txt, img_all, c, r_all, scale, coef, ctx.offset, ctx.strategy)  # (N_p, D)
         if ctx.needs_input_grad[2]:
             d_scale = (g[0] * dloss_dscale).reshape(ctx.scale_shape).to(ctx.scale_dtype)
-        return d_img, d_txt, d_scale, None
+        return d_img, d_txt, d_scale, None, None
 
 
 # ------------------------------------------------------------------------------------------------
 # Public function
 # ------------------------------------------------------------------------------------------------
 def clip_contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale,
-                          process_group=None) -> torch.Tensor:
+                          process_group=None, strategy: str | None = None) -> torch.Tensor:
     """Symmetric CLIP contrastive loss without the N x N matrix (see the module docstring).
 
     Args:
@@ -490,11 +786,15 @@ def clip_contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit
         process_group: ``None`` (default) for a local loss. A ``torch.distributed`` process group
             (e.g. ``dist.group.WORLD``) for the global-batch loss: every rank passes its local rows,
             gets the same global loss, exact ``dL_global/d(local rows)`` and the full ``dL_global/ds``.
+        strategy: ``"chunked"`` (cuBLAS GEMMs per chunk of rows, Triton softmax kernels), ``"fused"`` (tile
+            kernels, S never leaves registers) or ``None`` for ``DEFAULT_STRATEGY``. Same results up to
+            summation order; see the module docstring for speed and memory.
     Shapes:
         image_emb, text_emb: (N, D) fp32/bf16/fp16; logit_scale: () -> loss () fp32 on the Triton
         path (input dtype on the plain-PyTorch CPU path).
     """
     _check_shapes(image_emb, text_emb)
+    strategy = _resolve_strategy(strategy, image_emb.device)
     if not torch.is_tensor(logit_scale):
         logit_scale = torch.tensor(float(logit_scale), device=image_emb.device)
     if logit_scale.numel() != 1:
@@ -509,4 +809,4 @@ def clip_contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit
         raise TypeError(f"clip_contrastive_loss: dtype {image_emb.dtype} unsupported; use fp32, bf16 or fp16.")
     if process_group is not None:
         _check_equal_rows(image_emb.shape[0], image_emb.device, process_group)
-    return _ClipContrastiveLoss.apply(image_emb, text_emb, logit_scale, process_group)
+    return _ClipContrastiveLoss.apply(image_emb, text_emb, logit_scale, process_group, strategy)

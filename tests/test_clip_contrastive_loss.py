@@ -1,4 +1,6 @@
 """clip_contrastive_loss: the Triton kernel (interpreter on CPU) vs the PyTorch reference and open_clip."""
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,12 @@ from kclip.kernels.dispatch import use_triton
 # The module shares its name with the function the package exposes: `import a.b as m` would bind the
 # function, so fetch the module object explicitly.
 ccl = import_module("kclip.kernels.clip_contrastive_loss")
+
+
+def _strategy(name):
+    """clip_contrastive_loss with one strategy (``chunked``: cuBLAS-style GEMMs per chunk + Triton softmax;
+    ``fused``: tile kernels)."""
+    return functools.partial(clip_contrastive_loss, strategy=name)
 
 
 def _inputs(n, d, scale, dtype=torch.float32, device="cpu", seed=0, orthogonal_ish=False):
@@ -47,13 +55,36 @@ def _open_clip_loss(img, txt, s):
     return ClipLoss()(img, txt, s)
 
 
-def test_triton_path_runs_on_cpu():
+@pytest.mark.parametrize("strategy", ccl.STRATEGIES)
+def test_triton_path_runs_on_cpu(strategy):
     x = torch.randn(3, 4)
     assert use_triton(x), "tests must run with TRITON_INTERPRET=1 on CPU (conftest sets it)"
     before = ccl.TRITON_LAUNCHES
     img, txt, s = _inputs(5, 8, 10.0)
-    clip_contrastive_loss(img, txt, s).backward()
-    assert ccl.TRITON_LAUNCHES - before == 4  # 2 stats passes + 2 gradient kernels
+    _strategy(strategy)(img, txt, s).backward()
+    assert ccl.TRITON_LAUNCHES - before == 4  # 2 stats passes + 2 gradient kernels (one chunk each)
+    before = ccl.TRITON_LAUNCHES
+    img, txt, s = _inputs(37, 8, 10.0)
+    _strategy(strategy)(img, txt, s).backward()
+    chunks = -(-37 // ccl._chunk_blocks(8)["rows"]) if strategy == "chunked" else 1  # 3 chunks of 16 rows
+    assert ccl.TRITON_LAUNCHES - before == 4 * chunks
+
+
+def test_default_strategy_is_chunked(monkeypatch):
+    assert ccl.DEFAULT_STRATEGY == "chunked" and set(ccl.STRATEGIES) == {"chunked", "fused"}
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert ccl._resolve_strategy(None, cuda) == "chunked" and ccl._resolve_strategy("fused", cuda) == "fused"
+
+    class OldMM:  # a torch without mm(..., out_dtype=) (before 2.8): the default falls back, an explicit ask fails
+        @staticmethod
+        def overloads():
+            return ["default", "out"]
+
+    monkeypatch.setattr(torch.ops.aten, "mm", OldMM)
+    assert ccl._resolve_strategy(None, cuda) == "fused"
+    assert ccl._resolve_strategy(None, cpu) == "chunked"  # CPU runs its GEMMs in fp32: no out_dtype needed
+    with pytest.raises(RuntimeError, match="strategy='fused'"):
+        ccl._resolve_strategy("chunked", cuda)
 
 
 @pytest.mark.parametrize("n,d,scale,grad_scale", [
@@ -62,39 +93,43 @@ def test_triton_path_runs_on_cpu():
     (29, 100, 50.0, -0.7),  # D = 100 crosses a partial K tile and two output chunks
     (32, 16, 1.0, 1.0),    # exact multiples of the blocks
 ])
-def test_matches_reference_fp32(n, d, scale, grad_scale):
+@pytest.mark.parametrize("strategy", ccl.STRATEGIES)
+def test_matches_reference_fp32(strategy, n, d, scale, grad_scale):
     img, txt, s = _inputs(n, d, scale, seed=n)
-    got = _run(clip_contrastive_loss, img, txt, s, grad_scale)
+    got = _run(_strategy(strategy), img, txt, s, grad_scale)
     want = _run(clip_contrastive_loss_reference, img, txt, s, grad_scale)
     _assert_all_close(got, want, TOL[torch.float32])
 
 
 @pytest.mark.parametrize("n,d", [(37, 48), (20, 100)])
-def test_matches_open_clip(n, d):
+@pytest.mark.parametrize("strategy", ccl.STRATEGIES)
+def test_matches_open_clip(strategy, n, d):
     img, txt, s = _inputs(n, d, 1 / 0.07, seed=7)
-    got = _run(clip_contrastive_loss, img, txt, s, 2.5)
+    got = _run(_strategy(strategy), img, txt, s, 2.5)
     want = _run(_open_clip_loss, img, txt, s, 2.5)
     _assert_all_close(got, want, TOL[torch.float32])
 
 
-def test_scale_100_low_cosines_no_overflow():
+@pytest.mark.parametrize("strategy", ccl.STRATEGIES)
+def test_scale_100_low_cosines_no_overflow(strategy):
     # Near-orthogonal random rows: logits ~ +-100 * 0.1, positives not dominant; exp must not overflow.
     img, txt, s = _inputs(37, 100, 100.0, seed=3, orthogonal_ish=True)
-    got = _run(clip_contrastive_loss, img, txt, s, 1.0)
+    got = _run(_strategy(strategy), img, txt, s, 1.0)
     want = _run(clip_contrastive_loss_reference, img, txt, s, 1.0)
     assert all(torch.isfinite(t).all() for t in got)
     _assert_all_close(got, want, TOL[torch.float32])
     # Identical rows at scale 100: diagonal logits of 100, others far below -> loss near 0, finite.
     x = F.normalize(torch.randn(17, 48), dim=1)
-    got = _run(clip_contrastive_loss, x, x.clone(), torch.tensor(100.0))
+    got = _run(_strategy(strategy), x, x.clone(), torch.tensor(100.0))
     want = _run(clip_contrastive_loss_reference, x, x.clone(), torch.tensor(100.0))
     _assert_all_close(got, want, TOL[torch.float32])
 
 
-def test_deterministic_bitwise():
+@pytest.mark.parametrize("strategy", ccl.STRATEGIES)
+def test_deterministic_bitwise(strategy):
     img, txt, s = _inputs(37, 48, 20.0, seed=11)
-    a = _run(clip_contrastive_loss, img, txt, s, 1.5)
-    b = _run(clip_contrastive_loss, img, txt, s, 1.5)
+    a = _run(_strategy(strategy), img, txt, s, 1.5)
+    b = _run(_strategy(strategy), img, txt, s, 1.5)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
 
@@ -105,32 +140,34 @@ def test_pipelining_options_change_nothing(options):
     only: loss and gradients stay bit-identical to the default launch (the interpreter runs PREFETCH's load
     order for real; FLATTEN is a compiler hint it ignores)."""
     img, txt, s = _inputs(37, 48, 20.0, seed=11)
-    want = _run(clip_contrastive_loss, img, txt, s, 1.5)
+    want = _run(_strategy("fused"), img, txt, s, 1.5)
     ccl.LAUNCH_OVERRIDES.update(stats={k: v for k, v in options.items() if k == "FLATTEN"}, grad=dict(options))
     try:
-        got = _run(clip_contrastive_loss, img, txt, s, 1.5)
+        got = _run(_strategy("fused"), img, txt, s, 1.5)
     finally:
         ccl.LAUNCH_OVERRIDES.clear()
     for x, y in zip(got, want):
         assert torch.equal(x, y)
 
 
-def test_partial_grads_and_float_scale():
+@pytest.mark.parametrize("strategy", ccl.STRATEGIES)
+def test_partial_grads_and_float_scale(strategy):
     img, txt, _ = _inputs(19, 48, 1.0, seed=5)
     txt = txt.detach()  # no grad for text
-    loss = clip_contrastive_loss(img, txt, 12.0)  # python float scale, no grad
+    loss = _strategy(strategy)(img, txt, 12.0)  # python float scale, no grad
     loss.backward()
     img2 = img.detach().clone().requires_grad_()
     clip_contrastive_loss_reference(img2, txt, torch.tensor(12.0)).backward()
     torch.testing.assert_close(img.grad, img2.grad, **TOL[torch.float32])
 
 
-def test_bf16_interpreter_upcast_2x_eager():
+@pytest.mark.parametrize("strategy", ccl.STRATEGIES)
+def test_bf16_interpreter_upcast_2x_eager(strategy):
     # bf16 operands are upcast inside the kernel under the interpreter; judged by the 2x-eager rule.
     img, txt, s = _inputs(37, 48, 30.0, seed=13)
     ref32 = _run(clip_contrastive_loss_reference, img, txt, s, 2.0)
     lo = (img.detach().bfloat16(), txt.detach().bfloat16(), s)
-    got = _run(clip_contrastive_loss, *lo, 2.0)
+    got = _run(_strategy(strategy), *lo, 2.0)
     eager = _run(clip_contrastive_loss_reference, *lo, 2.0)
     assert got[1].dtype == torch.bfloat16 and got[0].dtype == torch.float32
     for name, k, e, r in zip(("loss", "d_image", "d_text", "d_logit_scale"), got, eager, ref32):
@@ -155,6 +192,35 @@ def test_errors_are_clear():
         clip_contrastive_loss(x, x, torch.ones(2))
     with pytest.raises(ValueError, match="empty batch"):
         clip_contrastive_loss(torch.randn(0, 8), torch.randn(0, 8), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        clip_contrastive_loss(x, x, torch.tensor(1.0), strategy="tiled")
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_chunk_rows_change_only_rounding(rows):
+    """The chunked strategy's chunk size (one row, a chunk that does not divide N, one chunk for all) moves
+    only the summation order: same loss and gradients as the default chunks and the reference."""
+    img, txt, s = _inputs(37, 48, 20.0, seed=17)
+    want = _run(clip_contrastive_loss_reference, img, txt, s, 1.5)
+    ccl.LAUNCH_OVERRIDES["chunk"] = dict(rows=rows)
+    try:
+        got = _run(_strategy("chunked"), img, txt, s, 1.5)
+    finally:
+        ccl.LAUNCH_OVERRIDES.clear()
+    _assert_all_close(got, want, TOL[torch.float32])
+
+
+def test_chunked_diagonal_term_on_every_chunk():
+    """The -2 delta term and the diagonal cosine sit at column row0 + i in chunk rows i: with identical rows at
+    scale 100 every row's positive dominates, so a misplaced diagonal in any chunk would show in the loss."""
+    x = F.normalize(torch.randn(37, 16, generator=torch.Generator().manual_seed(2)), dim=1)
+    ccl.LAUNCH_OVERRIDES["chunk"] = dict(rows=7)
+    try:
+        got = _run(_strategy("chunked"), x, x.clone(), torch.tensor(100.0), 1.0)
+    finally:
+        ccl.LAUNCH_OVERRIDES.clear()
+    want = _run(clip_contrastive_loss_reference, x, x.clone(), torch.tensor(100.0), 1.0)
+    _assert_all_close(got, want, TOL[torch.float32])
 
 
 def test_bench_quick(tmp_path):
@@ -171,38 +237,44 @@ def test_bench_quick(tmp_path):
 # GPU
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.cuda
+@pytest.mark.parametrize("strategy", ccl.STRATEGIES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,d", [(1000, 512), (4099, 768)])
-def test_gpu_lowp_2x_eager(dtype, n, d):
+def test_gpu_lowp_2x_eager(dtype, n, d, strategy):
     img, txt, s = _inputs(n, d, 1 / 0.07, device="cuda", seed=1)
     ref32 = _run(clip_contrastive_loss_reference, img, txt, s, 2.5)
     lo = (img.detach().to(dtype), txt.detach().to(dtype), s)
-    got = _run(clip_contrastive_loss, *lo, 2.5)
+    got = _run(_strategy(strategy), *lo, 2.5)
     eager = _run(clip_contrastive_loss_reference, *lo, 2.5)
     for name, k, e, r in zip(("loss", "d_image", "d_text", "d_logit_scale"), got, eager, ref32):
         assert_lowp_close(k, e, r, dtype, name)
 
 
 @pytest.mark.cuda
-def test_gpu_fp32_matches_reference():
+@pytest.mark.parametrize("strategy", ccl.STRATEGIES)
+def test_gpu_fp32_matches_reference(strategy):
     img, txt, s = _inputs(1537, 512, 1 / 0.07, device="cuda", seed=2)
-    got = _run(clip_contrastive_loss, img, txt, s, 2.5)
+    got = _run(_strategy(strategy), img, txt, s, 2.5)
     want = _run(clip_contrastive_loss_reference, img, txt, s, 2.5)
     _assert_all_close(got, want, TOL[torch.float32])
 
 
 @pytest.mark.cuda
-def test_gpu_large_n_memory_is_linear():
+@pytest.mark.parametrize("strategy", ccl.STRATEGIES)
+def test_gpu_large_n_memory_is_linear(strategy):
     n, d = 65536, 512
     img, txt, s = _inputs(n, d, 1 / 0.07, dtype=torch.bfloat16, device="cuda", seed=4)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    loss = clip_contrastive_loss(img, txt, s)
+    loss = _strategy(strategy)(img, txt, s)
     loss.backward()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     linear_bound = 8 * n * d * 2 + 64 * n * 4 + (64 << 20)  # a few (N, D) bf16 buffers + O(N) stats
+    if strategy == "chunked":  # + the R x N workspace (fp32 cosines, bf16 probabilities) and R x D fp32
+        rows = ccl._chunk_blocks(d)["rows"]
+        linear_bound += rows * n * (4 + 2) + rows * d * 4
     assert peak < linear_bound, f"peak {peak / 2**20:.0f} MiB > O(N) bound {linear_bound / 2**20:.0f} MiB"
     assert peak < n * n * 2 / 16  # far below even one bf16 N x N matrix (8 GiB here)
     assert torch.isfinite(loss) and torch.isfinite(img.grad).all()
@@ -214,11 +286,11 @@ def test_gpu_pipelining_options_match_default(d):
     """FLATTEN (a loop the compiler rewrites) and PREFETCH on the GPU: same loss and gradients as the default
     launch up to summation order (fp32 accumulation of bf16 products)."""
     img, txt, s = _inputs(4099, d, 1 / 0.07, dtype=torch.bfloat16, device="cuda", seed=7)
-    want = _run(clip_contrastive_loss, img, txt, s)
+    want = _run(_strategy("fused"), img, txt, s)
     for options in (dict(PREFETCH=True), dict(FLATTEN=True), dict(FLATTEN=True, PREFETCH=True)):
         ccl.LAUNCH_OVERRIDES.update(stats={k: v for k, v in options.items() if k == "FLATTEN"}, grad=dict(options))
         try:
-            got = _run(clip_contrastive_loss, img, txt, s)
+            got = _run(_strategy("fused"), img, txt, s)
         finally:
             ccl.LAUNCH_OVERRIDES.clear()
         for name, a, b in zip(("loss", "d_image", "d_text", "d_logit_scale"), got, want):
@@ -227,9 +299,10 @@ def test_gpu_pipelining_options_match_default(d):
 
 
 @pytest.mark.cuda
-def test_gpu_deterministic_bitwise():
+@pytest.mark.parametrize("strategy", ccl.STRATEGIES)
+def test_gpu_deterministic_bitwise(strategy):
     img, txt, s = _inputs(3001, 512, 1 / 0.07, dtype=torch.bfloat16, device="cuda", seed=6)
-    a = _run(clip_contrastive_loss, img, txt, s)
-    b = _run(clip_contrastive_loss, img, txt, s)
+    a = _run(_strategy(strategy), img, txt, s)
+    b = _run(_strategy(strategy), img, txt, s)
     for x, y in zip(a, b):
         assert torch.equal(x, y)

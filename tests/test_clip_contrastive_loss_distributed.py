@@ -8,6 +8,7 @@ batch size the group has already agreed on) issue only the loss's own all-gather
 back to the host; ranks with different sizes get a clear error.
 """
 import contextlib
+import functools
 from importlib import import_module
 
 import pytest
@@ -88,14 +89,21 @@ def _equal_full_batch(rank, world, n_local, d):
         rows = slice(rank * n_p, (rank + 1) * n_p)
         want = _grads(ccl.clip_contrastive_loss_reference, img, txt, s)  # single process, full batch
         want = (want[0], want[1][rows], want[2][rows], want[3])
-        for fn, loss_gathers in ((ccl.clip_contrastive_loss, 3), (ccl.clip_contrastive_loss_reference, 2)):
+        # the chunked strategy in chunks of 5 local rows (3 chunks per pass), the fused one, the reference
+        chunked = functools.partial(ccl.clip_contrastive_loss, strategy="chunked")
+        fused = functools.partial(ccl.clip_contrastive_loss, strategy="fused")
+        for fn, loss_gathers, passes in ((chunked, 3, 4 * -(-n_p // 5)), (fused, 3, 4),
+                                         (ccl.clip_contrastive_loss_reference, 2, 0)):
             launches, gathers, checked, agreed = ccl.TRITON_LAUNCHES, [], agreed != n_p, n_p
-            with _count_all_gathers(gathers), (contextlib.nullcontext() if checked else _no_host_reads()):
-                got = _grads(fn, img[rows], txt[rows], s, process_group=group)
-            if fn is ccl.clip_contrastive_loss:
-                assert ccl.TRITON_LAUNCHES - launches == 4, "the Triton path did not run"
+            ccl.LAUNCH_OVERRIDES["chunk"] = dict(rows=5)
+            try:
+                with _count_all_gathers(gathers), (contextlib.nullcontext() if checked else _no_host_reads()):
+                    got = _grads(fn, img[rows], txt[rows], s, process_group=group)
+            finally:
+                ccl.LAUNCH_OVERRIDES.clear()
+            assert ccl.TRITON_LAUNCHES - launches == passes, "the Triton path did not run as planned"
             # I, T (and the Triton path's O(N) statistics), plus one tiny gather when the size is checked
-            assert len(gathers) == loss_gathers + checked, (step, fn.__name__, len(gathers))
+            assert len(gathers) == loss_gathers + checked, (step, fn, len(gathers))
             for name, a, b in zip(names, got, want):
                 torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"rank {rank} step {step} {name}: {m}")
             # the same loss value on every rank, bit for bit

@@ -208,7 +208,8 @@ def test_quick_dry_run_runs_every_step(tmp_path):
     assert "Where the time goes" in summary
     # the --tune sweep's table: the default and one variant of each kernel, both checked against the default
     assert "Contrastive launch configurations" in summary
-    assert "| 48 | 32 | grad | " in summary and "PREFETCH=True" in summary, summary
+    assert "| 48 | 32 | fused | grad | " in summary and "PREFETCH=True" in summary, summary
+    assert "| 48 | 32 | chunked | chunk | " in summary and "rows=7" in summary, summary
     measured = [r for r in suite["targets"] if r["measured"] is not None]
     assert len(measured) >= 8, suite["targets"]  # the dry run exercises the evaluation, not only the steps
     with tarfile.open(pack / gpu_suite.PACK_NAME) as tar:
