@@ -32,7 +32,9 @@ Pass count (matmuls of N x N x D each): forward 2 (row statistics both ways; 1 f
 process group, below); backward 4 (per direction: recompute S and the gradient GEMM) = **6**, versus the
 4-matmul floor (1 forward + S, dI, dT in backward). The backward floor needs dT accumulated across
 programs, i.e. floating-point atomics (order-dependent results) or an O(N^2 / block) buffer (fused), or an
-N x D fp32 accumulator updated by every chunk (chunked); none is done here.
+N x D fp32 accumulator updated by every chunk (chunked: 4 D more bytes per sample and a read-modify-write
+of it per chunk, through an ``addmm`` whose fp32-into-bf16-product form differs across torch versions);
+none is done here.
 
 Two strategies (``strategy=``; ``DEFAULT_STRATEGY`` is ``"chunked"``):
 
@@ -117,6 +119,7 @@ it has not run on a GPU yet (its cost model above is arithmetic, not a measureme
 """
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -683,13 +686,19 @@ STRATEGIES = ("chunked", "fused")
 DEFAULT_STRATEGY = "chunked"
 
 
+@functools.lru_cache(maxsize=None)
+def _has_mm_out_dtype() -> bool:
+    """Whether this torch has ``torch.mm(..., out_dtype=)`` (the ``aten::mm.dtype`` overload, torch >= 2.8)."""
+    return "dtype" in torch.ops.aten.mm.overloads()
+
+
 def _resolve_strategy(strategy: str | None, device: torch.device) -> str:
     """The strategy to run: the one asked for, else ``DEFAULT_STRATEGY``; the chunked strategy's bf16/fp16 ->
     fp32 GEMM (``torch.mm(..., out_dtype=)``) needs torch >= 2.8 on CUDA, so the default falls back to fused."""
     if strategy is not None and strategy not in STRATEGIES:
         raise ValueError(f"clip_contrastive_loss: strategy must be one of {STRATEGIES} or None, got {strategy!r}")
     chosen = DEFAULT_STRATEGY if strategy is None else strategy
-    if chosen == "chunked" and device.type == "cuda" and "dtype" not in torch.ops.aten.mm.overloads():
+    if chosen == "chunked" and device.type == "cuda" and not _has_mm_out_dtype():
         if strategy == "chunked":
             raise RuntimeError(
                 f"clip_contrastive_loss: strategy='chunked' needs torch.mm(..., out_dtype=torch.float32) on CUDA "

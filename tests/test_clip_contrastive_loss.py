@@ -73,14 +73,11 @@ def test_triton_path_runs_on_cpu(strategy):
 def test_default_strategy_is_chunked(monkeypatch):
     assert ccl.DEFAULT_STRATEGY == "chunked" and set(ccl.STRATEGIES) == {"chunked", "fused"}
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert ccl._resolve_strategy(None, cuda) == "chunked" and ccl._resolve_strategy("fused", cuda) == "fused"
-
-    class OldMM:  # a torch without mm(..., out_dtype=) (before 2.8): the default falls back, an explicit ask fails
-        @staticmethod
-        def overloads():
-            return ["default", "out"]
-
-    monkeypatch.setattr(torch.ops.aten, "mm", OldMM)
+    assert ccl._has_mm_out_dtype() == ("dtype" in torch.ops.aten.mm.overloads())
+    assert ccl._resolve_strategy(None, cuda) == ("chunked" if ccl._has_mm_out_dtype() else "fused")
+    assert ccl._resolve_strategy("fused", cuda) == "fused"
+    # a torch without mm(..., out_dtype=) (before 2.8): the default falls back to fused, an explicit ask fails
+    monkeypatch.setattr(ccl, "_has_mm_out_dtype", lambda: False)
     assert ccl._resolve_strategy(None, cuda) == "fused"
     assert ccl._resolve_strategy(None, cpu) == "chunked"  # CPU runs its GEMMs in fp32: no out_dtype needed
     with pytest.raises(RuntimeError, match="strategy='fused'"):
