@@ -36,6 +36,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 __all__ = ["KMeansResult", "fit_kmeans", "resolve_backend", "cluster_size_stats", "rows_shape", "read_rows",
            "take_rows", "load_rows", "default_device"]
@@ -112,13 +113,29 @@ def load_rows(x, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    """The current CUDA device with its index (``cuda:0``, not ``cuda``: a tensor's device compares equal only to
+    an indexed one, and a failed comparison would copy the data), else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _compute_device(x) -> torch.device:
+    """Where the Triton backend runs: a CUDA tensor's own device (no copy to another GPU), else the default."""
+    if isinstance(x, torch.Tensor) and x.device.type == "cuda":
+        return x.device
+    return default_device()
 
 
 def _check_finite(x) -> None:
     n, d = rows_shape(x)
     step = _block_rows(d)
-    for s in range(0, n, step):
+    if isinstance(x, torch.Tensor) and x.device.type != "cpu":
+        # on the device: count the bad rows block by block without a host sync, read the count once
+        bad_rows = torch.zeros((), dtype=torch.int64, device=x.device)
+        for s in range(0, n, step):
+            bad_rows += (~torch.isfinite(read_rows(x, s, min(n, s + step))).all(dim=1)).sum()
+        if int(bad_rows) == 0:
+            return
+    for s in range(0, n, step):  # host data, or a device tensor known to hold a bad row: find the first one
         bad = (~torch.isfinite(read_rows(x, s, min(n, s + step))).all(dim=1)).cpu().numpy()
         if bool(bad.any()):
             row = s + int(np.flatnonzero(bad)[0])
@@ -245,7 +262,7 @@ def _lloyd_triton(x, k: int, seed: int, max_iter: int, tol: float, init, chunk_s
                   progress: bool) -> KMeansResult:
     from kclip.kernels import kmeans_assign, kmeans_update
 
-    device = default_device()
+    device = _compute_device(x)
     data = _Data(x, device, chunk_size)
     gen = torch.Generator().manual_seed(int(seed))
     centroids = _initial_centroids(init, data, k, gen)  # (K, D) fp32
@@ -279,23 +296,27 @@ def _lloyd_triton(x, k: int, seed: int, max_iter: int, tol: float, init, chunk_s
     for _ in iterator:
         sums, counts = assign_and_sum(centroids)
         n_iter += 1
-        empty = (counts == 0).nonzero().flatten()  # (E,)
-        if empty.numel():
+        n_empty = int((counts == 0).sum())  # one host sync per iteration for this and, below, the shift
+        if n_empty:
             # Re-seed empty clusters with the points farthest from their centroid (largest sqdist, lowest
             # index first on ties), moving each point out of its old cluster as scikit-learn does.
-            order = torch.sort(sqdist, descending=True, stable=True).indices[: empty.numel()]  # (E,)
-            far_rows = data.take(order.cpu().numpy())  # (E, D)
-            moved_sums, moved_counts = kmeans_update(far_rows, labels[order], k)  # no atomics here either
-            sums -= moved_sums
-            counts -= moved_counts
-            sums[empty] = far_rows.float()
+            empty = (counts == 0).nonzero().flatten()  # (E,)
+            order = torch.sort(sqdist, descending=True, stable=True).indices[:n_empty]  # (E,)
+            far_rows = data.take(order.cpu().numpy()).float()  # (E, D)
+            # E is small and changes between iterations: a one-hot GEMM (deterministic, no atomics) instead of
+            # the update kernel, whose Triton launch would compile a new specialisation for new row counts
+            onehot = F.one_hot(labels[order], k).to(far_rows.dtype)  # (E, K)
+            sums -= onehot.T @ far_rows
+            counts -= onehot.sum(0).to(counts.dtype)
+            sums[empty] = far_rows
             counts[empty] = 1
         new = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None].float(), centroids)  # (K, D)
-        shift = float((new - centroids).norm()) / max(float(centroids.norm()), 1e-12)
+        delta, norm = torch.stack([(new - centroids).norm(), centroids.norm()]).tolist()
+        shift = delta / max(norm, 1e-12)
         centroids = new
         if progress:
             iterator.set_postfix(shift=f"{shift:.2e}")
-        if shift == 0.0 and empty.numel() == 0:
+        if shift == 0.0 and n_empty == 0:
             converged_exactly = True  # labels already match the final centroids
             break
         if shift < tol:

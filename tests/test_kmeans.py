@@ -179,3 +179,22 @@ def test_gpu_triton_bitwise_reproducible():
     a = fit_kmeans(xt, 32, backend="triton", seed=0, max_iter=20, tol=0.0)
     b = fit_kmeans(xt, 32, backend="triton", seed=0, max_iter=20, tol=0.0)
     assert torch.equal(a.labels, b.labels) and torch.equal(a.centroids, b.centroids)
+
+
+@pytest.mark.cuda
+def test_gpu_fit_reads_the_tensor_in_place_and_checks_it_on_device():
+    """A CUDA tensor is clustered where it lies: no second copy of it (the device ``cuda`` is not equal to the
+    tensor's ``cuda:0``; comparing them once cost a full copy), and a bad row is still found and named."""
+    x, _, _ = planted(n=200_003, k=16, d=256, seed=3, spread=2.0)
+    xt = torch.from_numpy(x).to("cuda", torch.bfloat16)  # (N, D) 100 MiB
+    fit_kmeans(xt, 16, backend="triton", seed=0, max_iter=2)  # warm: compile outside the measured fit
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fit_kmeans(xt, 16, backend="triton", seed=0, max_iter=5)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < xt.numel() * xt.element_size() / 2, f"the fit allocated {extra / 2**20:.0f} MiB: a copy of x?"
+    xt[123_457, 7] = float("nan")
+    with pytest.raises(ValueError, match="first bad row 123457"):
+        fit_kmeans(xt, 16, backend="triton", seed=0, max_iter=2)
