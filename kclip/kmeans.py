@@ -102,6 +102,8 @@ def load_rows(x, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor
     """The whole input as one (N, D) tensor on ``device`` in ``dtype``: ``x`` itself when it already is one,
     else filled block by block (never a second full copy of an array source in host memory)."""
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # "cuda" means the current device: compare by index
+        device = torch.device("cuda", torch.cuda.current_device())
     if isinstance(x, torch.Tensor) and x.device == device and x.dtype == dtype:
         return x.detach()
     n, d = rows_shape(x)
