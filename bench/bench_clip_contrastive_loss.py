@@ -110,14 +110,19 @@ TUNE_PIPELINE_GRAD = [dict(PREFETCH=True), dict(FLATTEN=True), dict(FLATTEN=True
 # cosines in L2 between the GEMM and the softmax kernel (R = 256 at N = 32k: 32 MiB).
 TUNE_CHUNK = [dict(rows=256), dict(rows=512), dict(rows=2048), dict(rows=4096),
               dict(PAIR_M=16, PAIR_N=128), dict(PAIR_M=64, PAIR_N=64, num_warps=8), dict(COMBINE_M=4, COMBINE_C=128),
-              dict(PROBS_M=64, PROBS_N=128, num_warps=8), dict(PROBS_M=16, PROBS_N=512)]
+              dict(PROBS_M=64, PROBS_N=128, num_warps=8), dict(PROBS_M=16, PROBS_N=512),
+              # GEMM="triton": the chunk kernels compute their cosine tiles (no G workspace, no G traffic)
+              dict(GEMM="triton"), dict(GEMM="triton", rows=4096), dict(GEMM="triton", TILE_M=64, TILE_WARPS=4,
+                                                                         TILE_STAGES=4),
+              dict(GEMM="triton", TILE_N=64, TILE_STAGES=4)]
 TUNE_SETS = ("pipeline", "tiles", "chunk", "all")
 # --quick (interpreter): one variant of each kernel, different from the interpreter's default tiles (the
 # interpreter runs FLATTEN/PREFETCH as the plain loop: there they check only that the options are accepted)
 TUNE_QUICK_STATS = [dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1, FLATTEN=True)]
 TUNE_QUICK_GRAD = [dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, BLOCK_DO=16, num_warps=4, num_stages=1, FLATTEN=True,
                         PREFETCH=True)]
-TUNE_QUICK_CHUNK = [dict(rows=7, STATS_M=2, STATS_N=32, PAIR_M=2, PAIR_N=16, COMBINE_M=2, COMBINE_C=8, PROBS_M=4, PROBS_N=32)]
+TUNE_QUICK_CHUNK = [dict(rows=7, STATS_M=2, STATS_N=32, PAIR_M=2, PAIR_N=16, COMBINE_M=2, COMBINE_C=8, PROBS_M=4, PROBS_N=32),
+                    dict(GEMM="triton", rows=7, TILE_M=4, TILE_N=16)]
 # which kernel configuration a varied kernel changes, and the launcher that reports it
 TUNE_CFG = {"stats": ("stats_cfg", "_stats_blocks"), "grad": ("grad_cfg", "_grad_blocks"),
             "chunk": ("chunk_cfg", "_chunk_blocks")}

@@ -174,8 +174,8 @@ def contrastive(dtype: str, n: int = 32768):
     rows = chunk["rows"]
     chunk_stats = dict(g_ptr=f32, scale_ptr=f32, lse_ptr=f32, w_ptr=f32, diag_ptr=f32, R=rows, NB=n, row0=0,
                        offset=0, stride_g=n)
-    chunk_probs = dict(g_ptr=f32, p_ptr=p, lse_a_ptr=f32, lse_b_ptr=f32, scale_ptr=f32, R=rows, NB=n, row0=0,
-                       offset=0, stride_g=n, stride_p=n)
+    chunk_probs = dict(g_ptr=f32, p_ptr=p, lse_a_ptr=f32, lse_b_ptr=f32, scale_ptr=f32, a_ptr=p, b_ptr=p, R=rows,
+                       NB=n, D=768, row0=0, offset=0, stride_g=n, stride_p=n, stride_a=768, stride_b=768)
     ncb = triton.cdiv(n, chunk["PAIR_N"])
     chunk_pair = dict(g_ptr=f32, scale_ptr=f32, part_ptr=f32, col_m_ptr=f32, col_l_ptr=f32, col_w_ptr=f32, R=rows,
                       NB=n, NCB=ncb, stride_g=n)
@@ -191,6 +191,23 @@ def contrastive(dtype: str, n: int = 32768):
         cfg = {**constexprs, "num_warps": chunk["num_warps"], "num_stages": 3}
         yield compile_kernel(Report(f"clip_contrastive_loss {name}", dtype, f"N={n} R={rows}", cfg, role="default"),
                              kernel, args, constexprs, cfg["num_warps"], cfg["num_stages"])
+    # GEMM="triton": the chunk kernels that compute their own cosine tiles (tl.dot over D)
+    prec = "ieee" if dtype == "fp32" else "tf32"
+    for d in (512, 768):
+        tile = {k: chunk[k] for k in ("TILE_M", "TILE_N", "TILE_K", "TILE_WARPS", "TILE_STAGES")}
+        consts = dict(BLOCK_M=tile["TILE_M"], BLOCK_N=tile["TILE_N"], BLOCK_K=tile["TILE_K"], UPCAST=False,
+                      PRECISION=prec, EVEN_K=d % tile["TILE_K"] == 0)
+        tile_stats = dict(a_ptr=p, b_ptr=p, scale_ptr=f32, row_part_ptr=f32, col_part_ptr=f32, diag_ptr=f32, R=rows,
+                          NB=n, D=d, row0=0, offset=0, stride_a=d, stride_b=d, NCB=triton.cdiv(n, tile["TILE_N"]),
+                          NRB=triton.cdiv(rows, tile["TILE_M"]))
+        probs = dict(chunk_probs, D=d, stride_a=d, stride_b=d)
+        cfg = {**consts, "num_warps": tile["TILE_WARPS"], "num_stages": tile["TILE_STAGES"]}
+        for name, kernel, args, extra in (("chunk_tile_stats", m._chunk_tile_stats_kernel, tile_stats,
+                                           dict(STORE_COLS=True)),
+                                          ("chunk_probs TILE_GEMM", m._chunk_probs_kernel, probs, dict(TILE_GEMM=True))):
+            yield compile_kernel(Report(f"clip_contrastive_loss {name}", dtype, f"N={n} R={rows} D={d}", cfg,
+                                        role="option"), kernel, args, {**consts, **extra}, cfg["num_warps"],
+                                 cfg["num_stages"])
 
 
 def projected_mse(dtype: str, b: int = 4096, d: int = 512, d_out: int = 4096):
@@ -268,8 +285,8 @@ def markdown(reports: list[Report]) -> str:
         "specialised as a launch with the named shape would be (see the module docstring). Registers are per "
         "thread (255 is the ceiling); spill is ptxas's spill-store bytes; wgmma and mma.sync count Hopper and "
         "pre-Hopper tensor-core instructions in the PTX (fp32 inputs use IEEE FMAs on purpose: neither). "
-        "Role: `default` is what a launch uses today, `autotune` a config the "
-        "autotuner times, `tune` a `bench_clip_contrastive_loss --tune` candidate.",
+        "Role: `default` is what a launch uses today, `autotune` a config the autotuner times, `tune` a "
+        "`bench_clip_contrastive_loss --tune` candidate, `option` a launch option that is off by default.",
         "",
         "| kernel | dtype | shape | role | config | shared KiB | registers | spill B | wgmma | mma.sync |",
         "|---|---|---|---|---|---|---|---|---|---|",

@@ -50,7 +50,11 @@ Two strategies (``strategy=``; ``DEFAULT_STRATEGY`` is ``"chunked"``):
   cuBLAS speed; the price is O(R N) workspace (R x N x (4 + itemsize) bytes: 6 KiB per sample in bf16 at
   R = 1024, whatever N) and memory traffic over it (per element of S about 8 bytes forward and 12 per
   backward direction). This is the plan of Liger-Kernel's fused linear cross-entropy: chunked GEMMs,
-  fused softmax.
+  fused softmax. Launch option ``GEMM="triton"`` (``LAUNCH_OVERRIDES["chunk"]``, off until a GPU times it):
+  the chunk kernels compute their own cosine tiles with ``tl.dot`` in an ordinary 2-D tile grid
+  (``_chunk_tile_stats_kernel`` leaves each tile's row and column partials in fixed slots, combined in a
+  fixed order; ``_chunk_probs_kernel(TILE_GEMM=True)``), so G is never written: no fp32 workspace and about
+  20 bytes less traffic per element of S, against Triton's GEMM efficiency instead of cuBLAS's.
 * ``"fused"``: one Triton program per block of rows computes its tiles of S with ``tl.dot`` and never
   writes them (``_row_stats_kernel``, ``_grad_kernel``: one program per (row block of A, chunk of D),
   the ``-2 delta`` term a rank-1 epilogue). O(N) memory beyond the gradients, but measured on an H200 at
@@ -443,9 +447,10 @@ if triton is not None:
         part_ptr, g_ptr,                    # partials (3, NCB, R) of _chunk_pair_stats_kernel; G (R, NB) fp32
         lse_ptr, w_ptr, diag_ptr,           # outputs (NA,) fp32; this chunk fills rows row0 .. row0 + R
         R, NCB, row0, stride_g,
-        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, LOAD_DIAG: tl.constexpr = True,
     ):
-        """Row LSE, w and diagonal cosine of BLOCK_M rows from their per-column-block partials, in block order."""
+        """Row LSE, w (and with LOAD_DIAG the diagonal cosine, from G) of BLOCK_M rows from their per-column-block
+        partials, in block order."""
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < R
         m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -469,16 +474,20 @@ if triton is not None:
         l = tl.where(row_mask, l, 1.0)  # padded rows: finite, never stored
         tl.store(lse_ptr + out, m * 0.6931471805599453 + tl.log(l), mask=row_mask)
         tl.store(w_ptr + out, w / l, mask=row_mask)
-        diag = tl.load(g_ptr + rows.to(tl.int64) * stride_g + out, mask=row_mask, other=0.0)
-        tl.store(diag_ptr + out, diag, mask=row_mask)
+        if LOAD_DIAG:
+            diag = tl.load(g_ptr + rows.to(tl.int64) * stride_g + out, mask=row_mask, other=0.0)
+            tl.store(diag_ptr + out, diag, mask=row_mask)
 
     @triton.jit
     def _chunk_probs_kernel(
         g_ptr, p_ptr, lse_a_ptr, lse_b_ptr, scale_ptr,  # G (R, NB) fp32 -> P (R, NB) in the inputs' dtype
-        R, NB, row0, offset, stride_g, stride_p,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        a_ptr, b_ptr,                                   # TILE_GEMM: A (NA, D), B (NB, D) instead of G
+        R, NB, D, row0, offset, stride_g, stride_p, stride_a, stride_b,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_GEMM: tl.constexpr = False, BLOCK_K: tl.constexpr = 64,
+        UPCAST: tl.constexpr = False, PRECISION: tl.constexpr = "tf32", EVEN_K: tl.constexpr = True,
     ):
-        """P[i, j] = exp(S_ij - lseA_i) + exp(S_ij - lseB_j) - 2 delta_ij for one (BLOCK_M, BLOCK_N) tile."""
+        """P[i, j] = exp(S_ij - lseA_i) + exp(S_ij - lseB_j) - 2 delta_ij for one (BLOCK_M, BLOCK_N) tile; the
+        cosines are read from G, or (TILE_GEMM) computed here from the chunk's rows of A and B (no G at all)."""
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # chunk-local
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < R
@@ -487,11 +496,85 @@ if triton is not None:
         qk = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
         ra = tl.load(lse_a_ptr + row0 + rows, mask=row_mask, other=float("inf")) * 1.4426950408889634
         rb = tl.load(lse_b_ptr + cols, mask=col_mask, other=float("inf")) * 1.4426950408889634
-        g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * stride_g + cols[None, :], mask=mask, other=0.0)
+        if TILE_GEMM:
+            g = _cosine_tile(a_ptr + (row0 + rows).to(tl.int64)[:, None] * stride_a,
+                             b_ptr + cols.to(tl.int64)[:, None] * stride_b, row_mask, col_mask, D,
+                             BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION, EVEN_K)
+        else:
+            g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * stride_g + cols[None, :], mask=mask, other=0.0)
         p = _pair_probs(g, qk, ra, rb)
         p = tl.where((row0 + rows + offset)[:, None] == cols[None, :], p - 2.0, p)
         tl.store(p_ptr + rows.to(tl.int64)[:, None] * stride_p + cols[None, :], p.to(p_ptr.dtype.element_ty),
                  mask=mask)
+
+    @triton.jit
+    def _chunk_tile_stats_kernel(
+        a_ptr, b_ptr, scale_ptr,            # A (NA, D): this chunk is rows row0 .. row0 + R; B (NB, D)
+        row_part_ptr, col_part_ptr,         # out (3, NCB, R) and (3, NRB, NB) fp32: max, sum, weighted sum
+        diag_ptr,                           # out (NA,) fp32: the diagonal cosine of the chunk's rows
+        R, NB, D, row0, offset, stride_a, stride_b, NCB, NRB,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr, STORE_COLS: tl.constexpr,
+    ):
+        """The forward of the chunked strategy with the GEMM in Triton (``GEMM="triton"``): one program per
+        (BLOCK_M, BLOCK_N) tile of the chunk's cosines computes it and leaves, for each of its rows and (with
+        STORE_COLS) each of its columns, the tile's partial (max, sum of exponentials, weighted sum) in a fixed
+        slot: the cosines never reach memory, and the partials are combined in a fixed order (deterministic)."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # chunk-local
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < R
+        col_mask = cols < NB
+        g = _cosine_tile(a_ptr + (row0 + rows).to(tl.int64)[:, None] * stride_a,
+                         b_ptr + cols.to(tl.int64)[:, None] * stride_b, row_mask, col_mask, D,
+                         BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION, EVEN_K)
+        qk = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
+        t = tl.where(row_mask[:, None] & col_mask[None, :], g * qk, float("-inf"))  # (BM, BN) base-2 logits
+        rm = tl.where(row_mask, tl.max(t, axis=1), 0.0)  # padded rows: finite, never stored
+        pr = tl.exp2(t - rm[:, None])
+        part = row_part_ptr + pid_n * R + rows
+        tl.store(part, rm, mask=row_mask)
+        tl.store(part + R * NCB, tl.sum(pr, axis=1), mask=row_mask)
+        tl.store(part + 2 * R * NCB, tl.sum(pr * g, axis=1), mask=row_mask)
+        if STORE_COLS:
+            cm = tl.where(col_mask, tl.max(t, axis=0), 0.0)
+            pc = tl.exp2(t - cm[None, :])
+            part = col_part_ptr + pid_m * NB + cols
+            tl.store(part, cm, mask=col_mask)
+            tl.store(part + NB * NRB, tl.sum(pc, axis=0), mask=col_mask)
+            tl.store(part + 2 * NB * NRB, tl.sum(pc * g, axis=0), mask=col_mask)
+        # the positive of chunk row i is column row0 + i + offset: the one tile holding it stores the cosine
+        dcol = row0 + rows + offset
+        here = row_mask & (dcol >= pid_n * BLOCK_N) & (dcol < pid_n * BLOCK_N + BLOCK_N)
+        diag = tl.sum(tl.where(cols[None, :] == dcol[:, None], g, 0.0), axis=1)
+        tl.store(diag_ptr + row0 + rows, diag, mask=here)
+
+    @triton.jit
+    def _chunk_col_combine_kernel(
+        col_part_ptr,                       # (3, NRB, NB) fp32 partials of _chunk_tile_stats_kernel
+        col_m_ptr, col_l_ptr, col_w_ptr,    # (NB,) fp32 running column statistics (base-2 max), read and updated
+        NB, NRB,
+        BLOCK_N: tl.constexpr,
+    ):
+        """Fold one chunk's column partials into the running column statistics, row block by row block."""
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < NB
+        cm = tl.load(col_m_ptr + cols, mask=col_mask, other=0.0)
+        cl = tl.load(col_l_ptr + cols, mask=col_mask, other=0.0)
+        cw = tl.load(col_w_ptr + cols, mask=col_mask, other=0.0)
+        for rb in range(0, NRB):
+            part = col_part_ptr + rb * NB + cols
+            pm = tl.load(part, mask=col_mask, other=0.0)
+            m_new = tl.maximum(cm, pm)
+            alpha = tl.exp2(cm - m_new)
+            beta = tl.exp2(pm - m_new)
+            cl = cl * alpha + tl.load(part + NB * NRB, mask=col_mask, other=0.0) * beta
+            cw = cw * alpha + tl.load(part + 2 * NB * NRB, mask=col_mask, other=0.0) * beta
+            cm = m_new
+        tl.store(col_m_ptr + cols, cm, mask=col_mask)
+        tl.store(col_l_ptr + cols, cl, mask=col_mask)
+        tl.store(col_w_ptr + cols, cw, mask=col_mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -578,11 +661,23 @@ def _chunk_blocks(D: int):
     sm_90 guesses until ``bench_clip_contrastive_loss --tune --tune-set chunk`` times them."""
     if interpreting():  # small chunks so tests cross several chunks, row blocks and column tiles
         base = dict(rows=16, STATS_M=4, STATS_N=16, PAIR_M=4, PAIR_N=8, COMBINE_M=4, COMBINE_C=4, PROBS_M=8,
-                    PROBS_N=16, num_warps=4)
+                    PROBS_N=16, num_warps=4, GEMM="cublas", TILE_M=8, TILE_N=16, TILE_K=16, TILE_WARPS=4,
+                    TILE_STAGES=1)
     else:
         base = dict(rows=1024, STATS_M=2, STATS_N=1024, PAIR_M=32, PAIR_N=64, COMBINE_M=16, COMBINE_C=64,
-                    PROBS_M=32, PROBS_N=128, num_warps=4)
-    return {**base, **LAUNCH_OVERRIDES.get("chunk", {})}
+                    PROBS_M=32, PROBS_N=128, num_warps=4, GEMM="cublas", TILE_M=128, TILE_N=128, TILE_K=64,
+                    TILE_WARPS=8, TILE_STAGES=3)
+    cfg = {**base, **LAUNCH_OVERRIDES.get("chunk", {})}
+    if cfg["GEMM"] not in ("cublas", "triton"):
+        raise ValueError(f"clip_contrastive_loss: chunk GEMM must be 'cublas' or 'triton', got {cfg['GEMM']!r}")
+    return cfg
+
+
+def _tile_gemm_args(a: torch.Tensor, cfg: dict) -> dict:
+    """Launch arguments of the chunk kernels that compute their cosine tiles themselves (``GEMM="triton"``)."""
+    return dict(BLOCK_M=cfg["TILE_M"], BLOCK_N=cfg["TILE_N"], BLOCK_K=cfg["TILE_K"],
+                UPCAST=interpreting() and a.dtype != torch.float32, PRECISION=_precision(a.dtype),
+                EVEN_K=a.shape[1] % cfg["TILE_K"] == 0, num_warps=cfg["TILE_WARPS"], num_stages=cfg["TILE_STAGES"])
 
 
 def _gemm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -603,15 +698,27 @@ def _row_outputs(n: int, device: torch.device):
     return lse, torch.empty_like(lse), torch.empty_like(lse)
 
 
-def _cosine_chunks(a: torch.Tensor, b: torch.Tensor, rows: int):
+def _cosine_chunks(a: torch.Tensor, b: torch.Tensor, rows: int, cublas: bool = True):
     """Yield (row0, r, G) per chunk of ``rows`` rows of a, in order: G[:r] = a[row0:row0 + r] @ b.T in fp32, by
-    cuBLAS into one (rows, NB) fp32 workspace reused by every chunk (valid until the next chunk)."""
-    g = torch.empty(rows, b.shape[0], device=a.device, dtype=torch.float32)  # (R, NB) workspace
+    cuBLAS into one (rows, NB) fp32 workspace reused by every chunk (valid until the next chunk). With
+    ``cublas=False`` (the kernels compute their own tiles) only (row0, r, None): no GEMM, no workspace."""
+    g = torch.empty(rows, b.shape[0], device=a.device, dtype=torch.float32) if cublas else None  # (R, NB)
     bt = b.T  # (D, NB) view
     for row0 in range(0, a.shape[0], rows):
         r = min(rows, a.shape[0] - row0)
-        _gemm_fp32(a[row0:row0 + r], bt, g[:r])
+        if cublas:
+            _gemm_fp32(a[row0:row0 + r], bt, g[:r])
         yield row0, r, g
+
+
+def _tile_stats(a, b, scale, diag, row_part, col_part, row0: int, r: int, offset: int, cfg: dict,
+                store_cols: bool) -> tuple[int, int]:
+    """Launch ``_chunk_tile_stats_kernel`` for chunk rows row0 .. row0 + r; returns its (NCB, NRB)."""
+    ncb, nrb = cdiv(b.shape[0], cfg["TILE_N"]), cdiv(r, cfg["TILE_M"])
+    _chunk_tile_stats_kernel[(nrb, ncb)](
+        a, b, scale, row_part, col_part, diag, r, b.shape[0], a.shape[1], row0, offset, a.stride(0), b.stride(0),
+        ncb, nrb, STORE_COLS=store_cols, **_tile_gemm_args(a, cfg))
+    return ncb, nrb
 
 
 def _row_stats_chunked(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, offset: int):
@@ -622,7 +729,17 @@ def _row_stats_chunked(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, of
     NB = b.shape[0]
     lse, w, diag = _row_outputs(NA, a.device)  # (NA,) each
     cfg = _chunk_blocks(D)
-    for row0, r, g in _cosine_chunks(a, b, min(NA, cfg["rows"])):
+    rows = min(NA, cfg["rows"])
+    if cfg["GEMM"] == "triton":  # tiles compute their cosines: row partials, then one combine per chunk
+        row_part = torch.empty(3 * cdiv(NB, cfg["TILE_N"]) * rows, device=a.device, dtype=torch.float32)
+        for row0, r, _ in _cosine_chunks(a, b, rows, cublas=False):
+            ncb, _ = _tile_stats(a, b, scale, diag, row_part, row_part, row0, r, offset, cfg, store_cols=False)
+            _chunk_row_combine_kernel[(cdiv(r, cfg["COMBINE_M"]),)](
+                row_part, row_part, lse, w, diag, r, ncb, row0, 0,
+                BLOCK_M=cfg["COMBINE_M"], BLOCK_C=cfg["COMBINE_C"], LOAD_DIAG=False, num_warps=cfg["num_warps"])
+            TRITON_LAUNCHES += 2
+        return lse, w, diag
+    for row0, r, g in _cosine_chunks(a, b, rows):
         _chunk_row_stats_kernel[(cdiv(r, cfg["STATS_M"]),)](
             g, scale, lse, w, diag, r, NB, row0, offset, g.stride(0),
             BLOCK_M=cfg["STATS_M"], BLOCK_N=cfg["STATS_N"], num_warps=cfg["num_warps"])
@@ -645,6 +762,18 @@ def _pair_stats_chunked(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor):
     lse, w, diag = _row_outputs(NA, a.device)  # (NA,) each
     col = torch.zeros(3, NB, device=a.device, dtype=torch.float32)  # (3, NB) running base-2 max, sum, w-sum
     col[0].fill_(float("-inf"))
+    if cfg["GEMM"] == "triton":  # tiles compute their cosines and leave row and column partials
+        row_part = torch.empty(3 * cdiv(NB, cfg["TILE_N"]) * rows, device=a.device, dtype=torch.float32)
+        col_part = torch.empty(3 * cdiv(rows, cfg["TILE_M"]) * NB, device=a.device, dtype=torch.float32)
+        for row0, r, _ in _cosine_chunks(a, b, rows, cublas=False):  # fixed chunk order: deterministic
+            ncb_t, nrb = _tile_stats(a, b, scale, diag, row_part, col_part, row0, r, 0, cfg, store_cols=True)
+            _chunk_row_combine_kernel[(cdiv(r, cfg["COMBINE_M"]),)](
+                row_part, row_part, lse, w, diag, r, ncb_t, row0, 0,
+                BLOCK_M=cfg["COMBINE_M"], BLOCK_C=cfg["COMBINE_C"], LOAD_DIAG=False, num_warps=cfg["num_warps"])
+            _chunk_col_combine_kernel[(cdiv(NB, cfg["PAIR_N"]),)](
+                col_part, col[0], col[1], col[2], NB, nrb, BLOCK_N=cfg["PAIR_N"], num_warps=cfg["num_warps"])
+            TRITON_LAUNCHES += 3
+        return lse, w, diag, col[0] * 0.6931471805599453 + torch.log(col[1]), col[2] / col[1]
     part = torch.empty(3, ncb, rows, device=a.device, dtype=torch.float32)  # (3, NCB, R) row partials
     for row0, r, g in _cosine_chunks(a, b, rows):  # chunks in a fixed order: deterministic column statistics
         _chunk_pair_stats_kernel[(ncb,)](
@@ -670,11 +799,18 @@ def _grad_chunked(a, b, lse_a, lse_b, scale, coef, offset: int) -> torch.Tensor:
     p = torch.empty(rows, NB, device=a.device, dtype=a.dtype)  # (R, NB) P^r + P^c - 2 delta
     acc = torch.empty(rows, D, device=a.device, dtype=torch.float32)  # (R, D) P @ b in fp32
     factor = scale * coef  # (1,) s * g / (2N), on device: no host sync
-    for row0, r, g in _cosine_chunks(a, b, rows):
-        grid = (cdiv(r, cfg["PROBS_M"]), cdiv(NB, cfg["PROBS_N"]))
-        _chunk_probs_kernel[grid](
-            g, p, lse_a, lse_b, scale, r, NB, row0, offset, g.stride(0), p.stride(0),
-            BLOCK_M=cfg["PROBS_M"], BLOCK_N=cfg["PROBS_N"], num_warps=cfg["num_warps"])
+    tile = cfg["GEMM"] == "triton"
+    for row0, r, g in _cosine_chunks(a, b, rows, cublas=not tile):
+        if tile:  # the kernel computes its cosine tiles itself: no G
+            kw = _tile_gemm_args(a, cfg)
+            grid = (cdiv(r, kw["BLOCK_M"]), cdiv(NB, kw["BLOCK_N"]))
+            _chunk_probs_kernel[grid](p, p, lse_a, lse_b, scale, a, b, r, NB, D, row0, offset, 0, p.stride(0),
+                                      a.stride(0), b.stride(0), TILE_GEMM=True, **kw)
+        else:
+            grid = (cdiv(r, cfg["PROBS_M"]), cdiv(NB, cfg["PROBS_N"]))
+            _chunk_probs_kernel[grid](
+                g, p, lse_a, lse_b, scale, a, b, r, NB, D, row0, offset, g.stride(0), p.stride(0), a.stride(0),
+                b.stride(0), BLOCK_M=cfg["PROBS_M"], BLOCK_N=cfg["PROBS_N"], num_warps=cfg["num_warps"])
         TRITON_LAUNCHES += 1
         _gemm_fp32(p[:r], b, acc[:r])
         torch.mul(acc[:r], factor, out=da[row0:row0 + r])

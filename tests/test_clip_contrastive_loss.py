@@ -207,6 +207,40 @@ def test_chunk_rows_change_only_rounding(rows):
     _assert_all_close(got, want, TOL[torch.float32])
 
 
+@pytest.mark.parametrize("n,d,scale", [(37, 48, 20.0), (29, 100, 50.0), (1, 100, 3.0), (40, 16, 30.0)])
+def test_chunked_triton_gemm_matches_reference(n, d, scale):
+    """The chunked strategy with its cosine tiles computed in Triton (``GEMM="triton"``: no G workspace; row and
+    column partials per tile, combined in a fixed order): same loss and gradients as the reference; bitwise
+    reproducible; bf16 within the 2x-eager rule."""
+    img, txt, s = _inputs(n, d, scale, seed=n)
+    want = _run(clip_contrastive_loss_reference, img, txt, s, 1.5)
+    ccl.LAUNCH_OVERRIDES["chunk"] = dict(GEMM="triton", rows=13)  # chunks that do not divide N
+    try:
+        before = ccl.TRITON_LAUNCHES
+        got = _run(_strategy("chunked"), img, txt, s, 1.5)
+        chunks = -(-n // 13)
+        assert ccl.TRITON_LAUNCHES - before == 5 * chunks  # forward 3 per chunk, backward 1 per chunk and side
+        again = _run(_strategy("chunked"), img, txt, s, 1.5)
+        lo = (img.detach().bfloat16(), txt.detach().bfloat16(), s)
+        got_lo = _run(_strategy("chunked"), *lo, 1.5)
+    finally:
+        ccl.LAUNCH_OVERRIDES.clear()
+    _assert_all_close(got, want, TOL[torch.float32])
+    assert all(torch.equal(x, y) for x, y in zip(got, again))
+    eager = _run(clip_contrastive_loss_reference, *lo, 1.5)
+    for name, k, e, r in zip(("loss", "d_image", "d_text", "d_logit_scale"), got_lo, eager, want):
+        assert_lowp_close(k, e, r, torch.bfloat16, name)
+
+
+def test_chunk_gemm_option_is_checked():
+    ccl.LAUNCH_OVERRIDES["chunk"] = dict(GEMM="cutlass")
+    try:
+        with pytest.raises(ValueError, match="'cublas' or 'triton'"):
+            _strategy("chunked")(*_inputs(5, 8, 1.0)).backward()
+    finally:
+        ccl.LAUNCH_OVERRIDES.clear()
+
+
 def test_chunked_diagonal_term_on_every_chunk():
     """The -2 delta term and the diagonal cosine sit at column row0 + i in chunk rows i: with identical rows at
     scale 100 every row's positive dominates, so a misplaced diagonal in any chunk would show in the loss."""
@@ -293,6 +327,25 @@ def test_gpu_pipelining_options_match_default(d):
         for name, a, b in zip(("loss", "d_image", "d_text", "d_logit_scale"), got, want):
             err = float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
             assert err <= 1e-2, (options, name, err)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("d", [512, 768])
+def test_gpu_chunked_triton_gemm(d):
+    """GEMM="triton" on the GPU (wgmma tiles, bf16): within the 2x-eager rule, and bitwise reproducible."""
+    img, txt, s = _inputs(4099, d, 1 / 0.07, device="cuda", seed=8)
+    ref32 = _run(clip_contrastive_loss_reference, img, txt, s, 2.5)
+    lo = (img.detach().bfloat16(), txt.detach().bfloat16(), s)
+    ccl.LAUNCH_OVERRIDES["chunk"] = dict(GEMM="triton")
+    try:
+        got = _run(_strategy("chunked"), *lo, 2.5)
+        again = _run(_strategy("chunked"), *lo, 2.5)
+    finally:
+        ccl.LAUNCH_OVERRIDES.clear()
+    eager = _run(clip_contrastive_loss_reference, *lo, 2.5)
+    for name, k, e, r in zip(("loss", "d_image", "d_text", "d_logit_scale"), got, eager, ref32):
+        assert_lowp_close(k, e, r, torch.bfloat16, name)
+    assert all(torch.equal(x, y) for x, y in zip(got, again))
 
 
 @pytest.mark.cuda

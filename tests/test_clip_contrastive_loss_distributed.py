@@ -89,13 +89,16 @@ def _equal_full_batch(rank, world, n_local, d):
         rows = slice(rank * n_p, (rank + 1) * n_p)
         want = _grads(ccl.clip_contrastive_loss_reference, img, txt, s)  # single process, full batch
         want = (want[0], want[1][rows], want[2][rows], want[3])
-        # the chunked strategy in chunks of 5 local rows (3 chunks per pass), the fused one, the reference
+        # the chunked strategy in chunks of 5 local rows (3 chunks per pass; cuBLAS-style GEMMs, or the tiles in
+        # Triton), the fused one, the reference
         chunked = functools.partial(ccl.clip_contrastive_loss, strategy="chunked")
         fused = functools.partial(ccl.clip_contrastive_loss, strategy="fused")
-        for fn, loss_gathers, passes in ((chunked, 3, 4 * -(-n_p // 5)), (fused, 3, 4),
-                                         (ccl.clip_contrastive_loss_reference, 2, 0)):
+        chunks = -(-n_p // 5)
+        for fn, gemm, loss_gathers, passes in ((chunked, "cublas", 3, 4 * chunks), (chunked, "triton", 3, 6 * chunks),
+                                               (fused, "cublas", 3, 4),
+                                               (ccl.clip_contrastive_loss_reference, "cublas", 2, 0)):
             launches, gathers, checked, agreed = ccl.TRITON_LAUNCHES, [], agreed != n_p, n_p
-            ccl.LAUNCH_OVERRIDES["chunk"] = dict(rows=5)
+            ccl.LAUNCH_OVERRIDES["chunk"] = dict(rows=5, GEMM=gemm)
             try:
                 with _count_all_gathers(gathers), (contextlib.nullcontext() if checked else _no_host_reads()):
                     got = _grads(fn, img[rows], txt[rows], s, process_group=group)
