@@ -6,8 +6,12 @@ One process, one device, side by side (per ``--models`` entry, 224 px, batch ``-
                         DeepSpeed's bf16 mode: bf16 module weights, fp32 master copy in its optimizer, clipping
                         1.0) over ``KnowledgeClip`` with the fused Triton losses.
 - ``kclip-reference`` : the same step with ``contrastive_impl = distill_impl = "reference"`` (eager losses).
-- ``kclip-zero1``, ``kclip-zero3``: the fused step with ZeRO-1 / ZeRO-3 (kclip's configs/ds/zero{s}.json filled
-                        by ``kclip.config.deepspeed_config``).
+- ``kclip-zero1``, ``kclip-zero3``, ``kclip-zero0``: the fused step with ZeRO-1 / ZeRO-3 / DeepSpeed without ZeRO
+                        partitioning (kclip's configs/ds/zero{s}.json filled by ``kclip.config.deepspeed_config``).
+- ``kclip-torch``     : the product's model and loss module (``KnowledgeClipLoss``, fused kernels) driven as
+                        ``openclip-style`` drives its step (fp32 master weights, autocast bf16, fused torch AdamW,
+                        clipping, DDP at > 1 rank): with ``openclip-style`` and ``kclip-fused`` it splits the
+                        gap between them into what the losses cost and what the DeepSpeed engine costs.
 - ``openclip-style``  : what one would write by hand on open_clip: ``open_clip.loss.ClipLoss`` + an eager
                         projected MSE + the same concept CE, fp32 master weights, ``torch.autocast(bf16)``
                         (open_clip's ``amp_bf16``), fused torch AdamW with kclip's parameter groups, clipping at
@@ -66,7 +70,8 @@ import torch.nn.functional as F
 from bench.harness import RESULTS_DIR, ResultsLog, format_profile, is_oom, profile_fn, provenance
 
 NAME = "train_step"
-IMPLS = ("kclip-fused", "kclip-reference", "openclip-style", "online-teacher", "kclip-zero1", "kclip-zero3")
+IMPLS = ("kclip-fused", "kclip-reference", "openclip-style", "online-teacher", "kclip-zero1", "kclip-zero3",
+         "kclip-zero0", "kclip-torch")
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets. First match wins,
 # so the more specific names come first.
@@ -279,6 +284,27 @@ class OpenClipStyleRunner(Runner):
         self.optimizer.zero_grad(set_to_none=True)
 
 
+class KclipTorchRunner(OpenClipStyleRunner):
+    """``openclip-style``'s optimizer, precision and clipping around the product's model and loss module."""
+
+    def __init__(self, model: nn.Module, inputs: Inputs, args, dist):
+        from kclip.losses import KnowledgeClipLoss
+
+        super().__init__(model, inputs, args, dist)
+        model.head.distill_impl = "triton"
+        self.loss_fn = KnowledgeClipLoss(ALPHA, BETA, GAMMA, "triton", world_size=dist.world_size)
+        self.kernel_path = kernel_path(dist.device)
+
+    def step(self, i: int) -> None:
+        images, tokens, teacher, concept = self.inputs.batch(i)
+        with self.autocast:
+            loss, _ = self.loss_fn(self.forward(images, tokens, teacher, concept))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, GRAD_CLIP, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
 def kernel_path(device: torch.device) -> str:
     """Which code the fused losses run on ``device``: Triton, the Triton interpreter, or the CPU fallback."""
     from kclip.kernels.dispatch import interpreting, use_triton
@@ -382,6 +408,8 @@ def run_impl(impl: str, base: nn.Module, inputs: Inputs, args, dist, teacher_sha
         model.train()
         if impl == "openclip-style":
             runner = OpenClipStyleRunner(model, inputs, args, dist)
+        elif impl == "kclip-torch":
+            runner = KclipTorchRunner(model, inputs, args, dist)
         else:
             teacher = None
             if impl == "online-teacher":

@@ -115,11 +115,12 @@ def plan() -> list[Step]:
               "eager", "--profile"],
              ["-m", b + "bench_clip_contrastive_loss", "--quick", "--ns", "64", "--impls", "kclip", "kclip_fused",
               "--profile"], 30, 10, 70),
-        Step("profile_train_step", "profile the ViT-B-32 b256 bf16 step: kclip fused/reference, open_clip-style",
+        Step("profile_train_step", "profile the ViT-B-32 b256 bf16 step: kclip (DeepSpeed ZeRO-2, and ZeRO-0), "
+                                   "kclip's model and losses in a plain torch loop, open_clip-style",
              ["-m", b + "bench_train_step", "--models", "ViT-B-32", "--batch-size", "256", "--steps", "10",
-              "--warmup", "5", "--impls", "kclip-fused", "kclip-reference", "openclip-style", "--profile"],
-             ["-m", b + "bench_train_step", "--quick", "--impls", "kclip-fused", "openclip-style", "--profile"],
-             45, 25, 100),
+              "--warmup", "5", "--impls", "kclip-fused", "kclip-torch", "kclip-zero0", "openclip-style", "--profile"],
+             ["-m", b + "bench_train_step", "--quick", "--impls", "kclip-fused", "kclip-torch", "openclip-style",
+              "--profile"], 55, 25, 110),
         # The fused tile shapes were swept on the H200 on 2026-11-30 (the D > 512 default came from it); this
         # sweeps the chunked strategy's rows and tiles and the fused kernels' untimed pipelining options.
         Step("contrastive_tune", "clip_contrastive_loss launch configurations at N 32k, D 768/512: chunked rows and "

@@ -47,9 +47,12 @@ def test_train_step_every_impl_ran_with_required_fields(results):
         by_impl["kclip-fused"]["kernel_path"].startswith("reference (CPU fallback")
     assert "open_clip" in by_impl["openclip-style"]["kernel_path"]
     assert "int8" in by_impl["online-teacher"]["note"]
-    for impl, stage in (("kclip-zero1", 1), ("kclip-fused", 2), ("kclip-zero3", 3)):
+    for impl, stage in (("kclip-zero0", 0), ("kclip-zero1", 1), ("kclip-fused", 2), ("kclip-zero3", 3)):
         assert by_impl[impl]["optimizer"].startswith(f"DeepSpeed ZeRO-{stage}")  # the product's Trainer step
     assert by_impl["openclip-style"]["optimizer"] == "torch AdamW"
+    # the product's model and losses under openclip-style's plain torch loop: the same path name as kclip-fused
+    assert by_impl["kclip-torch"]["optimizer"] == "torch AdamW"
+    assert by_impl["kclip-torch"]["kernel_path"] == by_impl["kclip-fused"]["kernel_path"]
     assert by_impl["kclip-fused"]["vs_openclip_style"] == pytest.approx(
         by_impl["openclip-style"]["ms_median"] / by_impl["kclip-fused"]["ms_median"])
     assert by_impl["kclip-fused"]["vs_online_teacher"] == pytest.approx(

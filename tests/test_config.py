@@ -24,7 +24,7 @@ def test_presets_resolve_by_name_from_any_directory(tmp_path, monkeypatch):
     assert load_config("paper.yaml").seed == 7 and load_config("paper").seed == 0
     with pytest.raises(ConfigError, match="not a kclip preset; presets: .*paper.*tiny"):
         load_config("papper")
-    with pytest.raises(ConfigError, match="kclip ships zero1.json, zero2.json, zero3.json"):
+    with pytest.raises(ConfigError, match="kclip ships zero0.json, zero1.json, zero2.json, zero3.json"):
         deepspeed_config(load_config(None, ["train.deepspeed_config=zero4"]), world_size=1)
 
 

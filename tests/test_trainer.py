@@ -37,9 +37,10 @@ def _trainer(clip, zero_stage=2, alpha=1.0):
     return Trainer(cfg, model, setup(), total_steps=50), model
 
 
-def test_train_step_returns_device_tensors_and_learns(parts):
+@pytest.mark.parametrize("zero_stage", [2, 0])  # 0: DeepSpeed without ZeRO partitioning (configs/ds/zero0.json)
+def test_train_step_returns_device_tensors_and_learns(parts, zero_stage):
     clip, batch = parts
-    trainer, _ = _trainer(clip)
+    trainer, _ = _trainer(clip, zero_stage=zero_stage)
     first = trainer.train_step(batch)
     assert set(first) == {"loss", "contrastive", "distill", "concept", "logit_scale"}
     assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad for v in first.values())
