@@ -758,31 +758,30 @@ def _pair_stats_chunked(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor):
     NB = b.shape[0]
     cfg = _chunk_blocks(D)
     rows = min(NA, cfg["rows"])
-    ncb = cdiv(NB, cfg["PAIR_N"])
     lse, w, diag = _row_outputs(NA, a.device)  # (NA,) each
     col = torch.zeros(3, NB, device=a.device, dtype=torch.float32)  # (3, NB) running base-2 max, sum, w-sum
     col[0].fill_(float("-inf"))
+    combine = dict(BLOCK_M=cfg["COMBINE_M"], BLOCK_C=cfg["COMBINE_C"], num_warps=cfg["num_warps"])
     if cfg["GEMM"] == "triton":  # tiles compute their cosines and leave row and column partials
         row_part = torch.empty(3 * cdiv(NB, cfg["TILE_N"]) * rows, device=a.device, dtype=torch.float32)
         col_part = torch.empty(3 * cdiv(rows, cfg["TILE_M"]) * NB, device=a.device, dtype=torch.float32)
         for row0, r, _ in _cosine_chunks(a, b, rows, cublas=False):  # fixed chunk order: deterministic
-            ncb_t, nrb = _tile_stats(a, b, scale, diag, row_part, col_part, row0, r, 0, cfg, store_cols=True)
+            ncb, nrb = _tile_stats(a, b, scale, diag, row_part, col_part, row0, r, 0, cfg, store_cols=True)
             _chunk_row_combine_kernel[(cdiv(r, cfg["COMBINE_M"]),)](
-                row_part, row_part, lse, w, diag, r, ncb_t, row0, 0,
-                BLOCK_M=cfg["COMBINE_M"], BLOCK_C=cfg["COMBINE_C"], LOAD_DIAG=False, num_warps=cfg["num_warps"])
+                row_part, row_part, lse, w, diag, r, ncb, row0, 0, LOAD_DIAG=False, **combine)
             _chunk_col_combine_kernel[(cdiv(NB, cfg["PAIR_N"]),)](
                 col_part, col[0], col[1], col[2], NB, nrb, BLOCK_N=cfg["PAIR_N"], num_warps=cfg["num_warps"])
             TRITON_LAUNCHES += 3
-        return lse, w, diag, col[0] * 0.6931471805599453 + torch.log(col[1]), col[2] / col[1]
-    part = torch.empty(3, ncb, rows, device=a.device, dtype=torch.float32)  # (3, NCB, R) row partials
-    for row0, r, g in _cosine_chunks(a, b, rows):  # chunks in a fixed order: deterministic column statistics
-        _chunk_pair_stats_kernel[(ncb,)](
-            g, scale, part, col[0], col[1], col[2], r, NB, ncb, g.stride(0),
-            BLOCK_M=cfg["PAIR_M"], BLOCK_N=cfg["PAIR_N"], num_warps=cfg["num_warps"])
-        _chunk_row_combine_kernel[(cdiv(r, cfg["COMBINE_M"]),)](
-            part, g, lse, w, diag, r, ncb, row0, g.stride(0),
-            BLOCK_M=cfg["COMBINE_M"], BLOCK_C=cfg["COMBINE_C"], num_warps=cfg["num_warps"])
-        TRITON_LAUNCHES += 2
+    else:
+        ncb = cdiv(NB, cfg["PAIR_N"])
+        part = torch.empty(3, ncb, rows, device=a.device, dtype=torch.float32)  # (3, NCB, R) row partials
+        for row0, r, g in _cosine_chunks(a, b, rows):  # chunks in a fixed order: deterministic column statistics
+            _chunk_pair_stats_kernel[(ncb,)](
+                g, scale, part, col[0], col[1], col[2], r, NB, ncb, g.stride(0),
+                BLOCK_M=cfg["PAIR_M"], BLOCK_N=cfg["PAIR_N"], num_warps=cfg["num_warps"])
+            _chunk_row_combine_kernel[(cdiv(r, cfg["COMBINE_M"]),)](part, g, lse, w, diag, r, ncb, row0,
+                                                                     g.stride(0), **combine)
+            TRITON_LAUNCHES += 2
     col_lse = col[0] * 0.6931471805599453 + torch.log(col[1])  # (NB,)
     return lse, w, diag, col_lse, col[2] / col[1]
 
