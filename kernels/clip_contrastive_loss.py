@@ -50,7 +50,9 @@ Two strategies (``strategy=``; ``DEFAULT_STRATEGY`` is ``"chunked"``):
   cuBLAS speed; the price is O(R N) workspace (R x N x (4 + itemsize) bytes: 6 KiB per sample in bf16 at
   R = 1024, whatever N) and memory traffic over it (per element of S about 8 bytes forward and 12 per
   backward direction). This is the plan of Liger-Kernel's fused linear cross-entropy: chunked GEMMs,
-  fused softmax. Launch option ``GEMM="triton"`` (``LAUNCH_OVERRIDES["chunk"]``, off until a GPU times it):
+  fused softmax. Its bf16/fp16 -> fp32 GEMM needs torch >= 2.8 on CUDA (checked once per device and dtype with a
+  tiny GEMM): where it cannot run, the default falls back to ``"fused"`` with one warning. Launch option
+  ``GEMM="triton"`` (``LAUNCH_OVERRIDES["chunk"]``, off until a GPU times it):
   the chunk kernels compute their own cosine tiles with ``tl.dot`` in an ordinary 2-D tile grid
   (``_chunk_tile_stats_kernel`` leaves each tile's row and column partials in fixed slots, combined in a
   fixed order; ``_chunk_probs_kernel(TILE_GEMM=True)``), so G is never written: no fp32 workspace and about
@@ -124,6 +126,7 @@ it has not run on a GPU yet (its cost model above is arithmetic, not a measureme
 from __future__ import annotations
 
 import functools
+import warnings
 import weakref
 
 import torch
@@ -822,24 +825,52 @@ DEFAULT_STRATEGY = "chunked"
 
 
 @functools.lru_cache(maxsize=None)
-def _has_mm_out_dtype() -> bool:
-    """Whether this torch has ``torch.mm(..., out_dtype=)`` (the ``aten::mm.dtype`` overload, torch >= 2.8)."""
-    return "dtype" in torch.ops.aten.mm.overloads()
+def _mm_out_dtype_problem(device: str, dtype: torch.dtype) -> str | None:
+    """Why the chunked strategy's low-precision -> fp32 GEMM cannot run on ``device`` for ``dtype`` (None: it
+    can). Checked once per (device, dtype) with a tiny GEMM shaped like the real calls (a row slice times a
+    transposed view into a slice of an fp32 buffer), so a torch or backend without it is found before training."""
+    if not device.startswith("cuda") or dtype == torch.float32:
+        return None  # fp32 GEMMs need no out_dtype; on CPU (the interpreter) the GEMMs run in fp32
+    if "dtype" not in torch.ops.aten.mm.overloads():
+        return f"torch {torch.__version__} has no torch.mm(..., out_dtype=) (it came with torch 2.8)"
+    try:
+        a = torch.linspace(-1, 1, 48, device=device).reshape(3, 16).to(dtype)  # (3, 16)
+        b = torch.linspace(1, -1, 80, device=device).reshape(5, 16).to(dtype)  # (5, 16)
+        out = torch.empty(4, 5, device=device, dtype=torch.float32)
+        torch.mm(a[1:], b.T, out_dtype=torch.float32, out=out[:2])
+        want = a[1:].float() @ b.float().T
+        if not torch.allclose(out[:2], want, rtol=1e-3, atol=1e-3):
+            return f"torch.mm(..., out_dtype=torch.float32) on {dtype} gave wrong values on {device}"
+    except (RuntimeError, TypeError, NotImplementedError) as exc:
+        return f"torch.mm(..., out_dtype=torch.float32) on {dtype} failed on {device}: {type(exc).__name__}: {exc}"
+    return None
 
 
-def _resolve_strategy(strategy: str | None, device: torch.device) -> str:
-    """The strategy to run: the one asked for, else ``DEFAULT_STRATEGY``; the chunked strategy's bf16/fp16 ->
-    fp32 GEMM (``torch.mm(..., out_dtype=)``) needs torch >= 2.8 on CUDA, so the default falls back to fused."""
+def _check_strategy(strategy: str | None) -> None:
     if strategy is not None and strategy not in STRATEGIES:
         raise ValueError(f"clip_contrastive_loss: strategy must be one of {STRATEGIES} or None, got {strategy!r}")
+
+
+def _resolve_strategy(strategy: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    """The strategy to run: the one asked for, else ``DEFAULT_STRATEGY``. Where the chunked strategy's bf16/fp16
+    -> fp32 GEMM cannot run (torch < 2.8 on CUDA, or a backend without it), the default falls back to fused
+    with one warning, and an explicit ``strategy="chunked"`` is an error that says why."""
+    _check_strategy(strategy)
     chosen = DEFAULT_STRATEGY if strategy is None else strategy
-    if chosen == "chunked" and device.type == "cuda" and not _has_mm_out_dtype():
-        if strategy == "chunked":
-            raise RuntimeError(
-                f"clip_contrastive_loss: strategy='chunked' needs torch.mm(..., out_dtype=torch.float32) on CUDA "
-                f"(torch >= 2.8; this is torch {torch.__version__}). Upgrade torch, or pass strategy='fused'.")
-        chosen = "fused"
-    return chosen
+    problem = _mm_out_dtype_problem(str(device), dtype) if chosen == "chunked" else None
+    if problem is None:
+        return chosen
+    if strategy == "chunked":
+        raise RuntimeError(f"clip_contrastive_loss: strategy='chunked' cannot run here: {problem}. Upgrade torch, "
+                           "or pass strategy='fused'.")
+    if (str(device), dtype) not in _WARNED_FALLBACK:
+        _WARNED_FALLBACK.add((str(device), dtype))
+        warnings.warn(f"clip_contrastive_loss: the default chunked strategy cannot run here ({problem}); using "
+                      "strategy='fused' (slower on large batches).", RuntimeWarning, stacklevel=3)
+    return "fused"
+
+
+_WARNED_FALLBACK: set = set()
 
 
 def _row_stats(a, b, scale, offset: int, strategy: str):
@@ -938,7 +969,7 @@ def clip_contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit
         path (input dtype on the plain-PyTorch CPU path).
     """
     _check_shapes(image_emb, text_emb)
-    strategy = _resolve_strategy(strategy, image_emb.device)
+    _check_strategy(strategy)
     if not torch.is_tensor(logit_scale):
         logit_scale = torch.tensor(float(logit_scale), device=image_emb.device)
     if logit_scale.numel() != 1:
@@ -951,6 +982,7 @@ def clip_contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit
         image_emb, text_emb = image_emb.to(common), text_emb.to(common)
     if image_emb.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"clip_contrastive_loss: dtype {image_emb.dtype} unsupported; use fp32, bf16 or fp16.")
+    strategy = _resolve_strategy(strategy, image_emb.device, image_emb.dtype)
     if process_group is not None:
         _check_equal_rows(image_emb.shape[0], image_emb.device, process_group)
     return _ClipContrastiveLoss.apply(image_emb, text_emb, logit_scale, process_group, strategy)

@@ -1,5 +1,6 @@
 """clip_contrastive_loss: the Triton kernel (interpreter on CPU) vs the PyTorch reference and open_clip."""
 import functools
+import warnings
 
 import pytest
 import torch
@@ -72,16 +73,23 @@ def test_triton_path_runs_on_cpu(strategy):
 
 def test_default_strategy_is_chunked(monkeypatch):
     assert ccl.DEFAULT_STRATEGY == "chunked" and set(ccl.STRATEGIES) == {"chunked", "fused"}
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert ccl._has_mm_out_dtype() == ("dtype" in torch.ops.aten.mm.overloads())
-    assert ccl._resolve_strategy(None, cuda) == ("chunked" if ccl._has_mm_out_dtype() else "fused")
-    assert ccl._resolve_strategy("fused", cuda) == "fused"
-    # a torch without mm(..., out_dtype=) (before 2.8): the default falls back to fused, an explicit ask fails
-    monkeypatch.setattr(ccl, "_has_mm_out_dtype", lambda: False)
-    assert ccl._resolve_strategy(None, cuda) == "fused"
-    assert ccl._resolve_strategy(None, cpu) == "chunked"  # CPU runs its GEMMs in fp32: no out_dtype needed
-    with pytest.raises(RuntimeError, match="strategy='fused'"):
-        ccl._resolve_strategy("chunked", cuda)
+    cuda, cpu, bf16 = torch.device("cuda"), torch.device("cpu"), torch.bfloat16
+    assert ccl._mm_out_dtype_problem("cpu", bf16) is None  # the CPU path runs its GEMMs in fp32
+    assert ccl._mm_out_dtype_problem("cuda:0", torch.float32) is None  # fp32 needs no out_dtype
+    assert ccl._resolve_strategy("fused", cuda, bf16) == "fused"
+    # where the bf16 -> fp32 GEMM cannot run (torch < 2.8, a backend without it): the default falls back to
+    # fused with one warning; asking for chunked explicitly is an error that says why
+    monkeypatch.setattr(ccl, "_mm_out_dtype_problem", lambda device, dtype: "no out_dtype here")
+    monkeypatch.setattr(ccl, "_WARNED_FALLBACK", set())
+    with pytest.warns(RuntimeWarning, match="no out_dtype here"):
+        assert ccl._resolve_strategy(None, cuda, bf16) == "fused"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per device and dtype
+        assert ccl._resolve_strategy(None, cuda, bf16) == "fused"
+    with pytest.raises(RuntimeError, match="no out_dtype here.*strategy='fused'"):
+        ccl._resolve_strategy("chunked", cuda, bf16)
+    monkeypatch.setattr(ccl, "_mm_out_dtype_problem", lambda device, dtype: None)
+    assert ccl._resolve_strategy(None, cpu, bf16) == "chunked"
 
 
 @pytest.mark.parametrize("n,d,scale,grad_scale", [
@@ -327,6 +335,15 @@ def test_gpu_pipelining_options_match_default(d):
         for name, a, b in zip(("loss", "d_image", "d_text", "d_logit_scale"), got, want):
             err = float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
             assert err <= 1e-2, (options, name, err)
+
+
+@pytest.mark.cuda
+def test_gpu_chunked_default_runs_here():
+    """The chunked strategy's bf16/fp16 -> fp32 cuBLAS GEMM works on this GPU, so the default is not falling back."""
+    dev = str(torch.device("cuda", torch.cuda.current_device()))
+    for dtype in (torch.bfloat16, torch.float16):
+        assert ccl._mm_out_dtype_problem(dev, dtype) is None
+        assert ccl._resolve_strategy(None, torch.device(dev), dtype) == "chunked"
 
 
 @pytest.mark.cuda
