@@ -121,11 +121,11 @@ TUNE_SETS = ("pipeline", "tiles", "chunk", "all")
 TUNE_QUICK_STATS = [dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1, FLATTEN=True)]
 TUNE_QUICK_GRAD = [dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, BLOCK_DO=16, num_warps=4, num_stages=1, FLATTEN=True,
                         PREFETCH=True)]
-TUNE_QUICK_CHUNK = [dict(rows=7, STATS_M=2, STATS_N=32, PAIR_M=2, PAIR_N=16, COMBINE_M=2, COMBINE_C=8, PROBS_M=4, PROBS_N=32),
+TUNE_QUICK_CHUNK = [dict(rows=7, STATS_M=2, STATS_N=32, PAIR_M=2, PAIR_N=16, COMBINE_M=2, COMBINE_C=8, PROBS_M=4,
+                         PROBS_N=32),
                     dict(GEMM="triton", rows=7, TILE_M=4, TILE_N=16)]
-# which kernel configuration a varied kernel changes, and the launcher that reports it
-TUNE_CFG = {"stats": ("stats_cfg", "_stats_blocks"), "grad": ("grad_cfg", "_grad_blocks"),
-            "chunk": ("chunk_cfg", "_chunk_blocks")}
+# the record field holding the configuration of the kernel a variant varies
+TUNE_CFG = {"stats": "stats_cfg", "grad": "grad_cfg", "chunk": "chunk_cfg"}
 
 
 def tune_variants(tune_sets, quick: bool) -> list:

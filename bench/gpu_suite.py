@@ -536,7 +536,7 @@ def tune_rows(results: Path) -> list[dict]:
     for r in recs:
         base = defaults.get((r["N"], r["D"], strategy(r)))
         which = r.get("varied")
-        cfg_key = TUNE_CFG.get(which, ("grad_cfg",))[0]
+        cfg_key = TUNE_CFG.get(which, "grad_cfg")
         change = "–" if which == "default" or base is None else ", ".join(
             f"{k}={v}" for k, v in (r.get(cfg_key) or {}).items() if (base.get(cfg_key) or {}).get(k) != v) or "same"
         speedup = (_ms(base) / _ms(r)) if base and _ms(base) and _ms(r) else None

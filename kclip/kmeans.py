@@ -295,10 +295,17 @@ def _lloyd_triton(x, k: int, seed: int, max_iter: int, tol: float, init, chunk_s
         iterator = tqdm(iterator, desc=f"k-means (triton, K={k})", leave=False)
     n_iter = 0
     converged_exactly = False
+    def means(sums, counts, old):  # (K, D) new centroids; a cluster without points keeps its old one
+        return torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None].float(), old)
+
     for _ in iterator:
         sums, counts = assign_and_sum(centroids)
         n_iter += 1
-        n_empty = int((counts == 0).sum())  # one host sync per iteration for this and, below, the shift
+        new = means(sums, counts, centroids)
+        # one host read per iteration: the empty-cluster count and the shift's two norms together
+        n_empty, delta, norm = torch.stack([(counts == 0).sum().float(), (new - centroids).norm(),
+                                            centroids.norm()]).tolist()
+        n_empty = int(n_empty)
         if n_empty:
             # Re-seed empty clusters with the points farthest from their centroid (largest sqdist, lowest
             # index first on ties), moving each point out of its old cluster as scikit-learn does.
@@ -312,8 +319,8 @@ def _lloyd_triton(x, k: int, seed: int, max_iter: int, tol: float, init, chunk_s
             counts -= onehot.sum(0).to(counts.dtype)
             sums[empty] = far_rows
             counts[empty] = 1
-        new = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None].float(), centroids)  # (K, D)
-        delta, norm = torch.stack([(new - centroids).norm(), centroids.norm()]).tolist()
+            new = means(sums, counts, centroids)
+            delta = float((new - centroids).norm())
         shift = delta / max(norm, 1e-12)
         centroids = new
         if progress:
