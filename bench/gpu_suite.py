@@ -24,7 +24,8 @@ How it keeps to the budget and loses nothing:
 - It ends with one table (``summary.md``, also printed): every performance target, the measured value, the
   ratio to the target and PASS / FAIL / n/a; then where the time goes for the profiled steps (``profile_*``:
   each bench's ``--profile``, ``harness.profile_fn``: wall vs device-busy time per call, host- or
-  device-bound, the top kernel); then the steps with their status and seconds.
+  device-bound, the top kernel, the Python function with the most host time, and how often and where the
+  host waits for the device); then the steps with their status and seconds.
 
 ``--quick`` runs the same steps with each bench's ``--quick`` sizes on CPU (Triton kernels in the interpreter):
 the dry run that CI executes so the suite cannot rot. Its target table is marked as a dry run: CPU numbers
@@ -506,14 +507,30 @@ def profile_rows(results: Path) -> list[dict]:
             prof = r.get("profile")
             if not prof:
                 continue
-            top = prof["top"][0] if prof.get("top") else None
             where = ", ".join(f"{k}={r.get(k)}" for k in _PROFILE_WHERE.get(bench, ()) if k in r)
             rows[(bench, where, r.get("impl"))] = {  # a later record of the same key replaces an earlier one
                 "bench": bench, "impl": r.get("impl"), "where": where, "wall_ms": prof.get("wall_ms"),
                 "device_ms": prof["device_ms"], "host_ms": prof["host_ms"], "busy": prof.get("busy"),
                 "bound": prof.get("bound"),
-                "top": None if top is None else f"{top['name'][:60]} ({100 * (top['share'] or 0):.0f}%)"}
+                "top": _top_entry(prof.get("top")),
+                "host_top": _top_entry(prof.get("host_top")), "syncs": _sync_entry(prof.get("syncs"))}
     return list(rows.values())
+
+
+def _top_entry(entries: list[dict] | None) -> str | None:
+    """The first of a profile's ranked entries as ``name (share%)``."""
+    if not entries:
+        return None
+    e = entries[0]
+    return f"{e['name'][:60]} ({100 * (e['share'] or 0):.0f}%)"
+
+
+def _sync_entry(syncs: dict | None) -> str | None:
+    """A profile's host waits per call and the line that waits most: ``3 (deepspeed/x.py:233 x3)``."""
+    if not syncs:
+        return None
+    site = syncs["sites"][0] if syncs.get("sites") else None
+    return f"{syncs['per_call']:g}" + (f" ({site['where'][:60]} x{site['per_call']:g})" if site else "")
 
 
 def tune_rows(results: Path) -> list[dict]:
@@ -564,13 +581,15 @@ def render_summary(suite: dict, rows: list[dict], profiles: list[dict] | None = 
     fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
     if profiles:
         lines += ["", "Where the time goes (torch.profiler, per call; host-bound: the device is busy < 80% of the wall "
-                  "time, waiting for launches or syncs)", "",
-                  "| bench | where | impl | wall ms | device ms | host ms | device busy | bound | top kernel |",
-                  "|---|---|---|---:|---:|---:|---:|---|---|"]
+                  "time, waiting for launches or syncs; a host wait drains the device's queue, so launches stop "
+                  "overlapping device work)", "",
+                  "| bench | where | impl | wall ms | device ms | host ms | device busy | bound | top kernel | "
+                  "top host function (Python self time) | host waits per call (most at) |",
+                  "|---|---|---|---:|---:|---:|---:|---|---|---|---|"]
         for p in profiles:
             lines.append(f"| {p['bench']} | {p['where']} | {p['impl']} | {fmt(p['wall_ms'], '.3f')} | "
                          f"{p['device_ms']:.3f} | {p['host_ms']:.3f} | {fmt(p['busy'], '.0%')} | {p['bound'] or '–'} | "
-                         f"{p['top'] or '–'} |")
+                         f"{p['top'] or '–'} | {p.get('host_top') or '–'} | {p.get('syncs') or '–'} |")
     if tunes:
         lines += ["", "Contrastive launch configurations (`--tune`, fwd+bwd; speed-up > 1: faster than the default; "
                   "error: largest relative difference of loss and gradients from the default)", "",

@@ -21,6 +21,7 @@ import torch
 from kclip.atomic import atomic_path, atomic_write_text
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+_REPO = Path(__file__).resolve().parent.parent
 
 
 def device_name(device: torch.device | str) -> str:
@@ -103,9 +104,10 @@ def time_fn(fn: Callable[[], object], device: torch.device | str, warmup: int = 
 def profile_fn(fn: Callable[[], object], device: torch.device | str, rep: int = 5, top: int = 8) -> dict:
     """Where one call of ``fn()`` spends its time: the device's busy time against the wall time, and the top ops.
 
-    Runs ``fn()`` once untimed, ``rep`` times timed, then ``rep`` times under ``torch.profiler``. Returns
-    ``{"activity", "rep", "wall_ms", "host_ms", "device_ms", "busy", "bound", "top": [{"name", "calls", "ms",
-    "share"}...]}``, all per call:
+    Runs ``fn()`` once untimed, ``rep`` times timed, ``rep`` times under ``torch.profiler``, ``rep`` times
+    under ``cProfile``, then ``rep`` times counting host waits. Returns ``{"activity", "rep", "wall_ms",
+    "host_ms", "device_ms", "busy", "bound", "top": [{"name", "calls", "ms", "share"}...], "host_top": [same
+    keys], "syncs": {...}}``, all per call:
 
     - ``wall_ms``: from the call to the device being done (drained before and after each call).
     - ``host_ms``: until ``fn()`` returns, not waiting for the device at the end (but including any wait the
@@ -116,6 +118,10 @@ def profile_fn(fn: Callable[[], object], device: torch.device | str, rep: int = 
       (faster kernels make the call faster), else "host" (the device waits for Python, launches or syncs:
       faster kernels alone will not help). None on CPU.
     - ``top``: the ``top`` kernels (GPU) or aten ops (CPU) by self time.
+    - ``host_top``: where the host's time goes, the ``top`` Python functions by self time per call (``cProfile``
+      over another ``rep`` calls; the device drained once at the end): on a host-bound call this names the
+      launcher, the autograd glue or the library that holds the device up.
+    - ``syncs``: how often the host waits for the device and at which lines (:func:`count_host_syncs`).
     """
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -150,6 +156,8 @@ def profile_fn(fn: Callable[[], object], device: torch.device | str, rep: int = 
             us = e.self_cpu_time_total
         if us > 0:
             rows.append((e.key, e.count, us))
+    host_top = _host_profile(fn, rep, top, sync)
+    syncs = count_host_syncs(fn, device, rep, top)
     total_us = sum(us for _, _, us in rows)
     rows.sort(key=lambda r: -r[2])
     device_ms, wall_ms = total_us / rep / 1e3, statistics.median(wall)
@@ -164,7 +172,114 @@ def profile_fn(fn: Callable[[], object], device: torch.device | str, rep: int = 
         "bound": None if busy is None else ("device" if busy >= 0.8 else "host"),
         "top": [{"name": name[:120], "calls": count / rep, "ms": us / rep / 1e3,
                  "share": us / total_us if total_us else None} for name, count, us in rows[:top]],
+        "host_top": host_top,
+        "syncs": syncs,
     }
+
+
+# What reads a tensor's value on the host: on a GPU each call waits for the device to finish the queued work.
+_HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
+
+
+def count_host_syncs(fn: Callable[[], object], device: torch.device | str, rep: int = 3, top: int = 4) -> dict:
+    """How often one call of ``fn()`` makes the host wait for the device, and where.
+
+    A wait drains the device's queue: the host stops running ahead, so launch overhead is no longer hidden
+    behind device work. On a GPU ``torch.cuda.set_sync_debug_mode("warn")`` reports every synchronizing CUDA
+    operation (``.item()``, ``bool(t)``, device-to-host copies, ``nonzero``, ...); on CPU, where nothing waits,
+    the calls that read a tensor's value on the host (``item``, ``tolist``, ``bool``/``float``/``int``, ``cpu``,
+    ``numpy``) are counted instead, the same calls that would wait on a GPU. Returns ``{"method", "per_call",
+    "sites": [{"where": "file.py:line(function)", "per_call"}...]}`` (the ``top`` sites, most frequent first;
+    ``where`` is the Python line that made the call).
+    """
+    import collections
+    import sys
+    import warnings
+
+    device = torch.device(device)
+    sites: collections.Counter = collections.Counter()
+    if device.type == "cuda":
+        method = "cuda sync debug mode"
+        prev = torch.cuda.get_sync_debug_mode()
+        torch.cuda.synchronize(device)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for _ in range(rep):
+                    fn()
+            finally:
+                torch.cuda.set_sync_debug_mode(prev)
+        for w in caught:
+            if "synchroniz" in str(w.message):
+                sites[_short_frame(w.filename, w.lineno)] += 1
+    else:
+        method = "host reads of tensor values (CPU)"
+        originals = {name: getattr(torch.Tensor, name) for name in _HOST_READS}
+        own = {name for name in _HOST_READS if name in vars(torch.Tensor)}  # the rest come from TensorBase
+
+        def counted(name):
+            original = originals[name]
+
+            def read(self, *args, **kwargs):
+                frame = sys._getframe(1)
+                sites[_short_frame(frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name)] += 1
+                return original(self, *args, **kwargs)
+            return read
+
+        try:
+            for name in _HOST_READS:
+                setattr(torch.Tensor, name, counted(name))
+            for _ in range(rep):
+                fn()
+        finally:
+            for name, original in originals.items():
+                if name in own:
+                    setattr(torch.Tensor, name, original)
+                else:
+                    delattr(torch.Tensor, name)
+    total = sum(sites.values())
+    return {"method": method, "per_call": total / rep,
+            "sites": [{"where": where, "per_call": n / rep} for where, n in sites.most_common(top)]}
+
+
+def _host_profile(fn: Callable[[], object], rep: int, top: int, sync: Callable[[], None]) -> list[dict]:
+    """The ``top`` Python functions by self time over ``rep`` calls of ``fn()``, per call: ``{"name", "calls",
+    "ms", "share"}`` with ``name`` as ``package/file.py:line(function)`` (or ``{built-in ...}``) and ``share`` of
+    the host's profiled time."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(rep):
+        fn()
+    prof.disable()
+    sync()
+    stats = {key: v for key, v in pstats.Stats(prof).stats.items()  # {(file, line, func): (prim calls, calls,
+             if "_lsprof" not in key[2]}  # self s, cumulative s, callers)}, without the profiler's own frame
+    total = sum(v[2] for v in stats.values())
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return [{"name": _short_frame(*key), "calls": v[1] / rep, "ms": 1e3 * v[2] / rep,
+             "share": v[2] / total if total else None} for key, v in rows]
+
+
+def _short_frame(file: str, line: int, func: str | None = None) -> str:
+    """``.../site-packages/triton/runtime/jit.py``, 600, ``run`` -> ``triton/runtime/jit.py:600(run)`` (without
+    ``func``: ``triton/runtime/jit.py:600``)."""
+    if file == "~":  # built-ins: cProfile names them by themselves
+        return func or file
+    path = Path(file)
+    if path.is_absolute() and path.is_relative_to(_REPO):  # this repository's own files: from its root
+        return f"{path.relative_to(_REPO).as_posix()}:{line}" + (f"({func})" if func else "")
+    parts = path.parts
+    for anchor in ("site-packages", "dist-packages"):
+        if anchor in parts:
+            parts = parts[len(parts) - parts[::-1].index(anchor):]
+            break
+    else:
+        parts = parts[-3:]
+    return f"{'/'.join(parts)}:{line}" + (f"({func})" if func else "")
 
 
 def format_profile(prof: dict, indent: str = "    ") -> str:
@@ -175,6 +290,16 @@ def format_profile(prof: dict, indent: str = "    ") -> str:
     for t in prof["top"]:
         share = "" if t["share"] is None else f"{100 * t['share']:5.1f}%"
         lines.append(f"{indent}  {t['ms']:9.3f} ms {share} x{t['calls']:<5g} {t['name'][:90]}")
+    if prof.get("syncs"):
+        sy = prof["syncs"]
+        sites = ", ".join(f"{t['where']} x{t['per_call']:g}" for t in sy["sites"])
+        lines.append(f"{indent}host waits for the device: {sy['per_call']:g} per call ({sy['method']})"
+                     + (f": {sites}" if sites else ""))
+    if prof.get("host_top"):
+        lines.append(f"{indent}host, Python self time per call (cProfile):")
+        for t in prof["host_top"]:
+            share = "" if t["share"] is None else f"{100 * t['share']:5.1f}%"
+            lines.append(f"{indent}  {t['ms']:9.3f} ms {share} x{t['calls']:<5g} {t['name'][:90]}")
     return "\n".join(lines)
 
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -44,19 +45,78 @@ def test_profile_fn_names_the_op_that_takes_the_time():
         return (a @ a).add_(1.0)  # one big mm, one small elementwise op
 
     prof = harness.profile_fn(fn, "cpu", rep=3, top=4)
-    assert len(calls) == 1 + 3 + 3  # warm-up, timed, profiled
+    assert len(calls) == 1 + 3 + 3 + 3 + 3  # warm-up, timed, torch.profiler, cProfile, host-wait count
     assert prof["activity"] == "cpu" and prof["rep"] == 3 and prof["bound"] is None and prof["busy"] is None
     assert prof["top"][0]["name"] == "aten::mm" and prof["top"][0]["calls"] == 1  # per call, not per rep
     assert prof["top"][0]["share"] > 0.5 and sum(t["share"] for t in prof["top"]) <= 1 + 1e-9
     assert prof["device_ms"] >= prof["top"][0]["ms"] > 0 and prof["wall_ms"] > 0 and prof["host_ms"] > 0
     assert "aten::mm" in harness.format_profile(prof)
+    # host side: the Python functions by self time, the profiler's own frame left out
+    names = [t["name"] for t in prof["host_top"]]
+    assert len(names) <= 4 and not any("_lsprof" in n for n in names)
+    assert any(n.endswith("(fn)") and "test_gpu_suite.py" in n for n in names)
+    assert all(t["calls"] > 0 and t["ms"] >= 0 for t in prof["host_top"])
+    assert 0 < sum(t["share"] for t in prof["host_top"]) <= 1 + 1e-9
+    assert "host, Python self time per call" in harness.format_profile(prof)
+    assert prof["syncs"]["per_call"] == 0 and "host waits for the device: 0 per call" in harness.format_profile(prof)
+
+
+def _reads_twice(t):
+    if bool(t.sum() > -1e30):  # one host read here ...
+        return float(t.max())  # ... and one here
+    return None
+
+
+def test_count_host_syncs_counts_host_reads_by_line_and_restores_tensor():
+    import torch
+
+    t = torch.randn(16)
+    before = {n: (n in vars(torch.Tensor), getattr(torch.Tensor, n)) for n in harness._HOST_READS}
+    got = harness.count_host_syncs(lambda: _reads_twice(t), "cpu", rep=3)
+    assert got["per_call"] == 2 and got["method"].startswith("host reads")
+    lines = {s["where"] for s in got["sites"]}
+    assert all(w.startswith("tests/test_gpu_suite.py:") and w.endswith("(_reads_twice)") for w in lines)
+    assert len(lines) == 2 and all(s["per_call"] == 1 for s in got["sites"])
+    assert harness.count_host_syncs(lambda: t.add(1), "cpu", rep=2) == {
+        "method": "host reads of tensor values (CPU)", "per_call": 0, "sites": []}
+    with pytest.raises(RuntimeError, match="boom"):  # the counting hooks come off on an error too
+        harness.count_host_syncs(lambda: (_ for _ in ()).throw(RuntimeError("boom")), "cpu", rep=1)
+    assert {n: (n in vars(torch.Tensor), getattr(torch.Tensor, n)) for n in harness._HOST_READS} == before
+    assert float(t.sum()) == float(t.sum())  # and reading still works
+
+
+@pytest.mark.cuda
+def test_gpu_count_host_syncs_sees_item_and_not_async_work():
+    import torch
+
+    t = torch.randn(1024, device="cuda")
+    got = harness.count_host_syncs(lambda: _reads_twice(t), "cuda", rep=2)
+    assert got["method"] == "cuda sync debug mode" and got["per_call"] >= 2
+    assert any("test_gpu_suite.py" in s["where"] for s in got["sites"])
+    assert harness.count_host_syncs(lambda: t.mul(2).sum(), "cuda", rep=2)["per_call"] == 0
+    assert torch.cuda.get_sync_debug_mode() == 0  # left as it was
+
+
+def test_short_frame_names_the_package_path():
+    assert harness._short_frame("/x/lib/python3.12/site-packages/triton/runtime/jit.py", 600, "run") == \
+        "triton/runtime/jit.py:600(run)"
+    repo = Path(harness.__file__).resolve().parent.parent
+    assert harness._short_frame(str(repo / "kernels" / "projected_mse_loss.py"), 12, "f") == \
+        "kernels/projected_mse_loss.py:12(f)"
+    assert harness._short_frame("/elsewhere/a/b/c.py", 3, "g") == "a/b/c.py:3(g)"
+    assert harness._short_frame("/x/site-packages/deepspeed/runtime/utils.py", 233) == "deepspeed/runtime/utils.py:233"
+    assert harness._short_frame("~", 0, "<method 'mm' of 'torch._C.TensorBase' objects>") == \
+        "<method 'mm' of 'torch._C.TensorBase' objects>"
 
 
 def test_profile_rows_keep_the_newest_record_per_shape_and_impl(tmp_path):
     def rec(impl, B, device_ms, busy):
         prof = {"activity": "cuda", "rep": 3, "wall_ms": 2.0, "host_ms": 1.5, "device_ms": device_ms, "busy": busy,
                 "bound": "device" if busy >= 0.8 else "host",
-                "top": [{"name": "gemm_kernel", "calls": 1, "ms": device_ms / 2, "share": 0.5}]}
+                "top": [{"name": "gemm_kernel", "calls": 1, "ms": device_ms / 2, "share": 0.5}],
+                "host_top": [{"name": "triton/runtime/jit.py:600(run)", "calls": 1, "ms": 0.1, "share": 0.25}],
+                "syncs": {"method": "cuda sync debug mode", "per_call": 3,
+                          "sites": [{"where": "deepspeed/runtime/utils.py:233", "per_call": 2}]}}
         return json.dumps({"impl": impl, "B": B, "d": 512, "d_out": 4096, "profile": prof})
 
     (tmp_path / "projected_mse_loss.jsonl").write_text("\n".join([
@@ -66,7 +126,8 @@ def test_profile_rows_keep_the_newest_record_per_shape_and_impl(tmp_path):
     assert [(r["impl"], r["device_ms"], r["bound"]) for r in rows] == [("kernel", 1.8, "device"), ("eager", 0.4, "host")]
     assert rows[0]["where"] == "B=4096, d=512, d_out=4096" and rows[0]["top"] == "gemm_kernel (50%)"
     text = gpu_suite.render_summary({"quick": False, "git": "r", "budget_s": 1, "seconds": 1, "steps": []}, [], rows)
-    assert "| projected_mse_loss | B=4096, d=512, d_out=4096 | kernel | 2.000 | 1.800 | 1.500 | 90% | device |" in text
+    assert ("| projected_mse_loss | B=4096, d=512, d_out=4096 | kernel | 2.000 | 1.800 | 1.500 | 90% | device | "
+            "gemm_kernel (50%) | triton/runtime/jit.py:600(run) (25%) | 3 (deepspeed/runtime/utils.py:233 x2) |") in text
 
 
 def test_git_revision_falls_back_to_the_environment(monkeypatch, tmp_path):
