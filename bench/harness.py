@@ -179,65 +179,97 @@ def profile_fn(fn: Callable[[], object], device: torch.device | str, rep: int = 
 
 # What reads a tensor's value on the host: on a GPU each call waits for the device to finish the queued work.
 _HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
+# Frames that only pass an explicit wait on (the site named is the first frame outside them).
+_WAIT_PLUMBING = ("torch/cuda/", "deepspeed/accelerator/")
 
 
 def count_host_syncs(fn: Callable[[], object], device: torch.device | str, rep: int = 3, top: int = 4) -> dict:
     """How often one call of ``fn()`` makes the host wait for the device, and where.
 
     A wait drains the device's queue: the host stops running ahead, so launch overhead is no longer hidden
-    behind device work. On a GPU ``torch.cuda.set_sync_debug_mode("warn")`` reports every synchronizing CUDA
-    operation (``.item()``, ``bool(t)``, device-to-host copies, ``nonzero``, ...); on CPU, where nothing waits,
-    the calls that read a tensor's value on the host (``item``, ``tolist``, ``bool``/``float``/``int``, ``cpu``,
-    ``numpy``) are counted instead, the same calls that would wait on a GPU. Returns ``{"method", "per_call",
-    "sites": [{"where": "file.py:line(function)", "per_call"}...]}`` (the ``top`` sites, most frequent first;
-    ``where`` is the Python line that made the call).
+    behind device work. Counted:
+
+    - explicit waits: ``torch.cuda.synchronize``, ``Event.synchronize``, ``Stream.synchronize`` on a GPU; on
+      CPU the DeepSpeed accelerator's ``synchronize`` (a no-op there, a device-wide wait on a GPU), when
+      DeepSpeed is loaded;
+    - implicit waits: on a GPU every synchronizing CUDA operation ``torch.cuda.set_sync_debug_mode("warn")``
+      reports (``.item()``, ``bool(t)``, device-to-host copies, ``nonzero``, ...); on CPU, where nothing waits,
+      the calls that read a tensor's value on the host (``item``, ``tolist``, ``bool``/``float``/``int``,
+      ``cpu``, ``numpy``), the same calls that wait on a GPU.
+
+    Returns ``{"method", "per_call", "sites": [{"where": "file.py:line(function)", "per_call"}...]}`` (the
+    ``top`` sites, most frequent first; ``where`` is the Python line that asked for the wait).
     """
     import collections
     import sys
     import warnings
 
     device = torch.device(device)
+    cuda = device.type == "cuda"
     sites: collections.Counter = collections.Counter()
-    if device.type == "cuda":
-        method = "cuda sync debug mode"
-        prev = torch.cuda.get_sync_debug_mode()
-        torch.cuda.synchronize(device)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                for _ in range(rep):
-                    fn()
-            finally:
-                torch.cuda.set_sync_debug_mode(prev)
-        for w in caught:
-            if "synchroniz" in str(w.message):
-                sites[_short_frame(w.filename, w.lineno)] += 1
+
+    def count_caller(depth: int) -> None:
+        frame = sys._getframe(depth + 1)
+        while frame.f_back is not None and any(d in frame.f_code.co_filename.replace("\\", "/")
+                                               for d in _WAIT_PLUMBING):
+            frame = frame.f_back
+        sites[_short_frame(frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name)] += 1
+
+    def waiting(original):
+        def wait(*args, **kwargs):
+            count_caller(1)
+            with warnings.catch_warnings():  # counted here: not again by the sync debug mode
+                warnings.simplefilter("ignore")
+                return original(*args, **kwargs)
+        return wait
+
+    def reading(original):
+        def read(self, *args, **kwargs):
+            count_caller(1)
+            return original(self, *args, **kwargs)
+        return read
+
+    patches = []  # (owner, attribute, wrapper)
+    if cuda:
+        patches += [(torch.cuda, "synchronize", waiting), (torch.cuda.Event, "synchronize", waiting),
+                    (torch.cuda.Stream, "synchronize", waiting)]
     else:
-        method = "host reads of tensor values (CPU)"
-        originals = {name: getattr(torch.Tensor, name) for name in _HOST_READS}
-        own = {name for name in _HOST_READS if name in vars(torch.Tensor)}  # the rest come from TensorBase
-
-        def counted(name):
-            original = originals[name]
-
-            def read(self, *args, **kwargs):
-                frame = sys._getframe(1)
-                sites[_short_frame(frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name)] += 1
-                return original(self, *args, **kwargs)
-            return read
-
-        try:
-            for name in _HOST_READS:
-                setattr(torch.Tensor, name, counted(name))
+        patches += [(torch.Tensor, name, reading) for name in _HOST_READS]
+        if "deepspeed.accelerator" in sys.modules:
+            patches.append((sys.modules["deepspeed.accelerator"].get_accelerator(), "synchronize", waiting))
+    saved = []  # (owner, attribute, own value or None when inherited)
+    caught = []
+    if cuda:
+        torch.cuda.synchronize(device)  # the work queued before does not count
+    try:
+        for owner, name, wrap in patches:
+            own = name in vars(owner) if isinstance(owner, type) else name in getattr(owner, "__dict__", {})
+            saved.append((owner, name, getattr(owner, name) if own else None))
+            setattr(owner, name, wrap(getattr(owner, name)))
+        if cuda:
+            prev = torch.cuda.get_sync_debug_mode()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    for _ in range(rep):
+                        fn()
+                finally:
+                    torch.cuda.set_sync_debug_mode(prev)
+        else:
             for _ in range(rep):
                 fn()
-        finally:
-            for name, original in originals.items():
-                if name in own:
-                    setattr(torch.Tensor, name, original)
-                else:
-                    delattr(torch.Tensor, name)
+    finally:
+        for owner, name, value in reversed(saved):
+            if value is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, value)
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            sites[_short_frame(w.filename, w.lineno)] += 1
+    method = ("explicit waits + cuda sync debug mode" if cuda else
+              "host reads of tensor values + DeepSpeed accelerator waits (CPU)")
     total = sum(sites.values())
     return {"method": method, "per_call": total / rep,
             "sites": [{"where": where, "per_call": n / rep} for where, n in sites.most_common(top)]}

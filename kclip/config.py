@@ -367,4 +367,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         zero["stage"] = t.zero_stage
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
+    # DeepSpeed's throughput timer is on by default and, when the engine has no dataloader of its own (kclip
+    # feeds batches itself), waits for the device at every forward and every step: two full drains per step
+    # that stop the host from queueing ahead. kclip times its own steps; a JSON that sets "timers" keeps them.
+    ds.setdefault("timers", {}).setdefault("throughput", {"enabled": False})
     return ds

@@ -94,3 +94,13 @@ def test_deepspeed_json_batch_fields_come_from_yaml(tmp_path):
     cfg = load_config(None, [f"train.deepspeed_config={bad}", "train.batch_size=8"])
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu"):
         deepspeed_config(cfg, world_size=1)
+
+
+def test_deepspeed_throughput_timer_is_off_unless_the_json_asks(tmp_path):
+    # on by default in DeepSpeed, it waits for the device at every forward and step (kclip times its own steps)
+    assert deepspeed_config(load_config(None, []), world_size=1)["timers"] == {"throughput": {"enabled": False}}
+    own = tmp_path / "ds.json"
+    own.write_text(json.dumps({"zero_optimization": {"stage": 2},
+                               "timers": {"throughput": {"enabled": True, "synchronized": False}}}))
+    ds = deepspeed_config(load_config(None, [f"train.deepspeed_config={own}"]), world_size=1)
+    assert ds["timers"] == {"throughput": {"enabled": True, "synchronized": False}}

@@ -78,11 +78,21 @@ def test_count_host_syncs_counts_host_reads_by_line_and_restores_tensor():
     assert all(w.startswith("tests/test_gpu_suite.py:") and w.endswith("(_reads_twice)") for w in lines)
     assert len(lines) == 2 and all(s["per_call"] == 1 for s in got["sites"])
     assert harness.count_host_syncs(lambda: t.add(1), "cpu", rep=2) == {
-        "method": "host reads of tensor values (CPU)", "per_call": 0, "sites": []}
+        "method": "host reads of tensor values + DeepSpeed accelerator waits (CPU)", "per_call": 0, "sites": []}
     with pytest.raises(RuntimeError, match="boom"):  # the counting hooks come off on an error too
         harness.count_host_syncs(lambda: (_ for _ in ()).throw(RuntimeError("boom")), "cpu", rep=1)
     assert {n: (n in vars(torch.Tensor), getattr(torch.Tensor, n)) for n in harness._HOST_READS} == before
     assert float(t.sum()) == float(t.sum())  # and reading still works
+
+
+def test_count_host_syncs_counts_deepspeed_accelerator_waits():
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    had_own = "synchronize" in vars(accel)
+    got = harness.count_host_syncs(lambda: get_accelerator().synchronize(), "cpu", rep=2)
+    assert got["per_call"] == 1 and got["sites"][0]["where"].endswith("(<lambda>)")
+    assert ("synchronize" in vars(accel)) == had_own  # unpatched afterwards
 
 
 @pytest.mark.cuda
@@ -91,9 +101,11 @@ def test_gpu_count_host_syncs_sees_item_and_not_async_work():
 
     t = torch.randn(1024, device="cuda")
     got = harness.count_host_syncs(lambda: _reads_twice(t), "cuda", rep=2)
-    assert got["method"] == "cuda sync debug mode" and got["per_call"] >= 2
+    assert got["method"] == "explicit waits + cuda sync debug mode" and got["per_call"] >= 2
     assert any("test_gpu_suite.py" in s["where"] for s in got["sites"])
     assert harness.count_host_syncs(lambda: t.mul(2).sum(), "cuda", rep=2)["per_call"] == 0
+    explicit = harness.count_host_syncs(lambda: torch.cuda.synchronize(), "cuda", rep=2)
+    assert explicit["per_call"] == 1 and explicit["sites"][0]["where"].endswith("(<lambda>)")  # once, not twice
     assert torch.cuda.get_sync_debug_mode() == 0  # left as it was
 
 
@@ -115,7 +127,7 @@ def test_profile_rows_keep_the_newest_record_per_shape_and_impl(tmp_path):
                 "bound": "device" if busy >= 0.8 else "host",
                 "top": [{"name": "gemm_kernel", "calls": 1, "ms": device_ms / 2, "share": 0.5}],
                 "host_top": [{"name": "triton/runtime/jit.py:600(run)", "calls": 1, "ms": 0.1, "share": 0.25}],
-                "syncs": {"method": "cuda sync debug mode", "per_call": 3,
+                "syncs": {"method": "explicit waits + cuda sync debug mode", "per_call": 3,
                           "sites": [{"where": "deepspeed/runtime/utils.py:233", "per_call": 2}]}}
         return json.dumps({"impl": impl, "B": B, "d": 512, "d_out": 4096, "profile": prof})
 

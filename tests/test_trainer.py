@@ -50,6 +50,22 @@ def test_train_step_returns_device_tensors_and_learns(parts, zero_stage):
     assert float(last["distill"]) < float(first["distill"])
 
 
+def test_train_step_asks_deepspeed_for_no_device_wait(parts, monkeypatch):
+    # Each DeepSpeed accelerator synchronize() drains the GPU's queue and stalls the host; its throughput timer
+    # used to ask for two per step. (On CPU the call is a no-op, but the call itself is what a GPU would pay.)
+    from deepspeed.accelerator import get_accelerator
+
+    clip, batch = parts
+    trainer, _ = _trainer(clip)
+    waits = []
+    accel = get_accelerator()
+    real = accel.synchronize
+    monkeypatch.setattr(accel, "synchronize", lambda *a, **k: (waits.append(1), real(*a, **k))[1])
+    for _ in range(4):  # DeepSpeed's timer starts waiting from its 2nd step on
+        trainer.train_step(batch)
+    assert waits == []
+
+
 def test_distill_r2_is_one_minus_sse_over_sst(parts):
     clip, batch = parts
     trainer, model = _trainer(clip)
