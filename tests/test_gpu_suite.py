@@ -139,7 +139,8 @@ def test_profile_rows_keep_the_newest_record_per_shape_and_impl(tmp_path):
     assert rows[0]["where"] == "B=4096, d=512, d_out=4096" and rows[0]["top"] == "gemm_kernel (50%)"
     text = gpu_suite.render_summary({"quick": False, "git": "r", "budget_s": 1, "seconds": 1, "steps": []}, [], rows)
     assert ("| projected_mse_loss | B=4096, d=512, d_out=4096 | kernel | 2.000 | 1.800 | 1.500 | 90% | device | "
-            "gemm_kernel (50%) | triton/runtime/jit.py:600(run) (25%) | 3 (deepspeed/runtime/utils.py:233 x2) |") in text
+            "gemm_kernel (50%) | triton/runtime/jit.py:600(run) (25%) | "
+            "3 (deepspeed/runtime/utils.py:233 x2) |") in text
 
 
 def test_git_revision_falls_back_to_the_environment(monkeypatch, tmp_path):
