@@ -201,15 +201,17 @@ def count_host_syncs(fn: Callable[[], object], device: torch.device | str, rep: 
     ``top`` sites, most frequent first; ``where`` is the Python line that asked for the wait).
     """
     import collections
+    import contextlib
     import sys
     import warnings
+    from unittest import mock
 
     device = torch.device(device)
     cuda = device.type == "cuda"
     sites: collections.Counter = collections.Counter()
 
-    def count_caller(depth: int) -> None:
-        frame = sys._getframe(depth + 1)
+    def count_caller() -> None:  # the frame that called the patched function, past any _WAIT_PLUMBING
+        frame = sys._getframe(2)
         while frame.f_back is not None and any(d in frame.f_code.co_filename.replace("\\", "/")
                                                for d in _WAIT_PLUMBING):
             frame = frame.f_back
@@ -217,7 +219,7 @@ def count_host_syncs(fn: Callable[[], object], device: torch.device | str, rep: 
 
     def waiting(original):
         def wait(*args, **kwargs):
-            count_caller(1)
+            count_caller()
             with warnings.catch_warnings():  # counted here: not again by the sync debug mode
                 warnings.simplefilter("ignore")
                 return original(*args, **kwargs)
@@ -225,46 +227,30 @@ def count_host_syncs(fn: Callable[[], object], device: torch.device | str, rep: 
 
     def reading(original):
         def read(self, *args, **kwargs):
-            count_caller(1)
+            count_caller()
             return original(self, *args, **kwargs)
         return read
 
-    patches = []  # (owner, attribute, wrapper)
     if cuda:
-        patches += [(torch.cuda, "synchronize", waiting), (torch.cuda.Event, "synchronize", waiting),
-                    (torch.cuda.Stream, "synchronize", waiting)]
+        patches = [(torch.cuda, "synchronize", waiting), (torch.cuda.Event, "synchronize", waiting),
+                   (torch.cuda.Stream, "synchronize", waiting)]
     else:
-        patches += [(torch.Tensor, name, reading) for name in _HOST_READS]
+        patches = [(torch.Tensor, name, reading) for name in _HOST_READS]
         if "deepspeed.accelerator" in sys.modules:
             patches.append((sys.modules["deepspeed.accelerator"].get_accelerator(), "synchronize", waiting))
-    saved = []  # (owner, attribute, own value or None when inherited)
     caught = []
     if cuda:
         torch.cuda.synchronize(device)  # the work queued before does not count
-    try:
+    with contextlib.ExitStack() as stack:  # every patch comes off on the way out, errors included
         for owner, name, wrap in patches:
-            own = name in vars(owner) if isinstance(owner, type) else name in getattr(owner, "__dict__", {})
-            saved.append((owner, name, getattr(owner, name) if own else None))
-            setattr(owner, name, wrap(getattr(owner, name)))
+            stack.enter_context(mock.patch.object(owner, name, wrap(getattr(owner, name))))
         if cuda:
-            prev = torch.cuda.get_sync_debug_mode()
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
-                try:
-                    for _ in range(rep):
-                        fn()
-                finally:
-                    torch.cuda.set_sync_debug_mode(prev)
-        else:
-            for _ in range(rep):
-                fn()
-    finally:
-        for owner, name, value in reversed(saved):
-            if value is None:
-                delattr(owner, name)
-            else:
-                setattr(owner, name, value)
+            caught = stack.enter_context(warnings.catch_warnings(record=True))
+            warnings.simplefilter("always")
+            stack.callback(torch.cuda.set_sync_debug_mode, torch.cuda.get_sync_debug_mode())
+            torch.cuda.set_sync_debug_mode("warn")
+        for _ in range(rep):
+            fn()
     for w in caught:
         if "synchroniz" in str(w.message):
             sites[_short_frame(w.filename, w.lineno)] += 1
@@ -319,9 +305,15 @@ def format_profile(prof: dict, indent: str = "    ") -> str:
     bound = f", device busy {prof['busy']:.0%}: {prof['bound']}-bound" if prof.get("bound") else ""
     lines = [f"{indent}profile ({prof['activity']}): wall {prof['wall_ms']:.3f} ms/call, device {prof['device_ms']:.3f}, "
              f"host {prof['host_ms']:.3f}{bound}"]
-    for t in prof["top"]:
-        share = "" if t["share"] is None else f"{100 * t['share']:5.1f}%"
-        lines.append(f"{indent}  {t['ms']:9.3f} ms {share} x{t['calls']:<5g} {t['name'][:90]}")
+
+    def ranked(entries: list[dict]) -> list[str]:  # one line per kernel or Python function
+        out = []
+        for t in entries:
+            share = "" if t["share"] is None else f"{100 * t['share']:5.1f}%"
+            out.append(f"{indent}  {t['ms']:9.3f} ms {share} x{t['calls']:<5g} {t['name'][:90]}")
+        return out
+
+    lines += ranked(prof["top"])
     if prof.get("syncs"):
         sy = prof["syncs"]
         sites = ", ".join(f"{t['where']} x{t['per_call']:g}" for t in sy["sites"])
@@ -329,9 +321,7 @@ def format_profile(prof: dict, indent: str = "    ") -> str:
                      + (f": {sites}" if sites else ""))
     if prof.get("host_top"):
         lines.append(f"{indent}host, Python self time per call (cProfile):")
-        for t in prof["host_top"]:
-            share = "" if t["share"] is None else f"{100 * t['share']:5.1f}%"
-            lines.append(f"{indent}  {t['ms']:9.3f} ms {share} x{t['calls']:<5g} {t['name'][:90]}")
+        lines += ranked(prof["host_top"])
     return "\n".join(lines)
 
 

@@ -854,8 +854,8 @@ def _check_strategy(strategy: str | None) -> None:
 def _resolve_strategy(strategy: str | None, device: torch.device, dtype: torch.dtype) -> str:
     """The strategy to run: the one asked for, else ``DEFAULT_STRATEGY``. Where the chunked strategy's bf16/fp16
     -> fp32 GEMM cannot run (torch < 2.8 on CUDA, or a backend without it), the default falls back to fused
-    with one warning, and an explicit ``strategy="chunked"`` is an error that says why."""
-    _check_strategy(strategy)
+    with one warning, and an explicit ``strategy="chunked"`` is an error that says why. ``strategy`` is already
+    checked (``clip_contrastive_loss`` checks it before any path is chosen)."""
     chosen = DEFAULT_STRATEGY if strategy is None else strategy
     problem = _mm_out_dtype_problem(str(device), dtype) if chosen == "chunked" else None
     if problem is None:
