@@ -260,13 +260,31 @@ if triton is not None:
         return g
 
     @triton.jit
-    def _online_softmax_step(m, l, w, g, t):
-        """Fold one (BM, BN) tile of base-2 logits ``t`` (cosines ``g``) into the running row max ``m``, sum of
-        exponentials ``l`` and exponential-weighted cosine sum ``w`` (both kernels' forward sweeps use it)."""
-        m_new = tl.maximum(m, tl.max(t, axis=1))
+    def _online_softmax_step(m, l, w, g, t, AXIS: tl.constexpr):
+        """Fold one (BM, BN) tile of base-2 logits ``t`` (cosines ``g``) into the running max ``m``, sum of
+        exponentials ``l`` and exponential-weighted cosine sum ``w`` of its rows (AXIS 1: the forward sweeps) or
+        of its columns (AXIS 0: the chunked pair statistics)."""
+        m_new = tl.maximum(m, tl.max(t, axis=AXIS))
         alpha = tl.exp2(m - m_new)
-        p = tl.exp2(t - m_new[:, None])
-        return m_new, l * alpha + tl.sum(p, axis=1), w * alpha + tl.sum(p * g, axis=1)
+        p = tl.exp2(t - tl.expand_dims(m_new, AXIS))
+        return m_new, l * alpha + tl.sum(p, axis=AXIS), w * alpha + tl.sum(p * g, axis=AXIS)
+
+    @triton.jit
+    def _tile_partial(t, g, valid, AXIS: tl.constexpr):
+        """One tile's softmax partial per row (AXIS 1) or per column (AXIS 0): the max of the base-2 logits ``t``
+        (a finite 0 where ``valid`` is false: padding, never stored), the sum of exp2(t - max) and that sum
+        weighted by the cosines ``g``."""
+        mx = tl.where(valid, tl.max(t, axis=AXIS), 0.0)
+        p = tl.exp2(t - tl.expand_dims(mx, AXIS))
+        return mx, tl.sum(p, axis=AXIS), tl.sum(p * g, axis=AXIS)
+
+    @triton.jit
+    def _store_partial(ptr, stride, mx, l, w, mask):
+        """A partial's three fields into a (3, ...) buffer: max at ``ptr``, sum at ``+ stride``, weighted sum at
+        ``+ 2 * stride``."""
+        tl.store(ptr, mx, mask=mask)
+        tl.store(ptr + stride, l, mask=mask)
+        tl.store(ptr + 2 * stride, w, mask=mask)
 
     @triton.jit
     def _pair_probs(g, qk, ra, rb):
@@ -308,7 +326,7 @@ if triton is not None:
             g = _cosine_tile(a_rows, b_rows, row_mask, col_mask, D,  # (BM, BN) cosines of this tile
                              BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION, EVEN_K)
             t = tl.where(col_mask[None, :], g * qk, float("-inf"))  # (BM, BN) base-2 logits
-            m, l, w = _online_softmax_step(m, l, w, g, t)
+            m, l, w = _online_softmax_step(m, l, w, g, t, 1)
 
         lse = m * 0.6931471805599453 + tl.log(l)
         tl.store(lse_ptr + rows, lse, mask=row_mask)
@@ -396,7 +414,7 @@ if triton is not None:
             col_mask = cols < NB
             g = tl.load(g_rows + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)  # (BM, BN)
             t = tl.where(col_mask[None, :], g * qk, float("-inf"))
-            m, l, w = _online_softmax_step(m, l, w, g, t)
+            m, l, w = _online_softmax_step(m, l, w, g, t, 1)
         out = row0 + rows
         tl.store(lse_ptr + out, m * 0.6931471805599453 + tl.log(l), mask=row_mask)
         tl.store(w_ptr + out, w / l, mask=row_mask)
@@ -428,19 +446,10 @@ if triton is not None:
             t = tl.where(mask, g * qk, float("-inf"))  # (BM, BN) base-2 logits; padding never counts
             # columns: the same online step as the rows', along axis 0 (padded columns see finite zeros: unused)
             tc = tl.where(col_mask[None, :], t, 0.0)
-            m_new = tl.maximum(cm, tl.max(tc, axis=0))
-            alpha = tl.exp2(cm - m_new)
-            pc = tl.exp2(tc - m_new[None, :])
-            cl = cl * alpha + tl.sum(pc, axis=0)
-            cw = cw * alpha + tl.sum(pc * g, axis=0)
-            cm = m_new
+            cm, cl, cw = _online_softmax_step(cm, cl, cw, g, tc, 0)
             # rows: this tile's partial over the block's columns (padded rows: a finite max, sums of 0, not stored)
-            rm = tl.where(row_mask, tl.max(t, axis=1), 0.0)
-            pr = tl.exp2(t - rm[:, None])
-            part = part_ptr + pid * R + rows  # contiguous rows: coalesced stores
-            tl.store(part, rm, mask=row_mask)
-            tl.store(part + R * NCB, tl.sum(pr, axis=1), mask=row_mask)
-            tl.store(part + 2 * R * NCB, tl.sum(pr * g, axis=1), mask=row_mask)
+            rm, rl, rw = _tile_partial(t, g, row_mask, 1)
+            _store_partial(part_ptr + pid * R + rows, R * NCB, rm, rl, rw, row_mask)  # contiguous rows: coalesced
         tl.store(col_m_ptr + cols, cm, mask=col_mask)
         tl.store(col_l_ptr + cols, cl, mask=col_mask)
         tl.store(col_w_ptr + cols, cw, mask=col_mask)
@@ -534,19 +543,11 @@ if triton is not None:
                          BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION, EVEN_K)
         qk = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
         t = tl.where(row_mask[:, None] & col_mask[None, :], g * qk, float("-inf"))  # (BM, BN) base-2 logits
-        rm = tl.where(row_mask, tl.max(t, axis=1), 0.0)  # padded rows: finite, never stored
-        pr = tl.exp2(t - rm[:, None])
-        part = row_part_ptr + pid_n * R + rows
-        tl.store(part, rm, mask=row_mask)
-        tl.store(part + R * NCB, tl.sum(pr, axis=1), mask=row_mask)
-        tl.store(part + 2 * R * NCB, tl.sum(pr * g, axis=1), mask=row_mask)
+        rm, rl, rw = _tile_partial(t, g, row_mask, 1)
+        _store_partial(row_part_ptr + pid_n * R + rows, R * NCB, rm, rl, rw, row_mask)
         if STORE_COLS:
-            cm = tl.where(col_mask, tl.max(t, axis=0), 0.0)
-            pc = tl.exp2(t - cm[None, :])
-            part = col_part_ptr + pid_m * NB + cols
-            tl.store(part, cm, mask=col_mask)
-            tl.store(part + NB * NRB, tl.sum(pc, axis=0), mask=col_mask)
-            tl.store(part + 2 * NB * NRB, tl.sum(pc * g, axis=0), mask=col_mask)
+            cm, cl, cw = _tile_partial(t, g, col_mask, 0)
+            _store_partial(col_part_ptr + pid_m * NB + cols, NB * NRB, cm, cl, cw, col_mask)
         # the positive of chunk row i is column row0 + i + offset: the one tile holding it stores the cosine
         dcol = row0 + rows + offset
         here = row_mask & (dcol >= pid_n * BLOCK_N) & (dcol < pid_n * BLOCK_N + BLOCK_N)
