@@ -101,9 +101,7 @@ def _block_rows(d: int, itemsize: int = 4) -> int:
 def load_rows(x, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
     """The whole input as one (N, D) tensor on ``device`` in ``dtype``: ``x`` itself when it already is one,
     else filled block by block (never a second full copy of an array source in host memory)."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:  # "cuda" means the current device: compare by index
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = _indexed(device)
     if isinstance(x, torch.Tensor) and x.device == device and x.dtype == dtype:
         return x.detach()
     n, d = rows_shape(x)
@@ -114,10 +112,18 @@ def load_rows(x, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor
     return out
 
 
+def _indexed(device: torch.device | str) -> torch.device:
+    """``device``, with ``cuda`` (the current CUDA device) as ``cuda:<index>``: a tensor's device compares equal only
+    to an indexed one, and a failed comparison would copy the data."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def default_device() -> torch.device:
-    """The current CUDA device with its index (``cuda:0``, not ``cuda``: a tensor's device compares equal only to
-    an indexed one, and a failed comparison would copy the data), else the CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    """The current CUDA device with its index (``cuda:0``, not ``cuda``), else the CPU."""
+    return _indexed("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _compute_device(x) -> torch.device:
