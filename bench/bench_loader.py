@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import shutil
 import statistics
@@ -40,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.harness import RESULTS_DIR, ResultsLog, plot_vs, provenance
+from bench.harness import RESULTS_DIR, ResultsLog, plot_vs, provenance, read_records
 from kclip.atomic import atomic_path
 
 NAME = "loader"
@@ -157,11 +156,7 @@ def step_rate(results_dir: Path, device_name: str) -> dict | None:
     if not path.is_file():
         return None
     best = None
-    for line in path.read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for r in read_records(path):
         if r.get("impl") == "kclip-fused" and r.get("device") == device_name and r.get("pairs_per_s"):
             if best is None or r.get("date", "") >= best.get("date", ""):
                 best = r

@@ -355,19 +355,6 @@ def _write_json(path: Path, obj) -> None:
 # Targets (issue #13): measured value, ratio to the target (>= 1 meets it), PASS / FAIL / n/a
 # --------------------------------------------------------------------------------------------------------
 
-def load_results(results: Path) -> dict:
-    out = {}
-    for path in sorted(Path(results).glob("*.jsonl")):
-        recs = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                recs.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        out[path.stem] = recs
-    return out
-
-
 def _latest(recs: list, **match) -> dict | None:
     """The newest record (last line wins) whose fields equal ``match``, with a measurement or an error."""
     for r in reversed(recs):
@@ -409,6 +396,8 @@ TARGET_AT = {
 
 def target_rows(results: Path, quick: bool = False) -> list[dict]:
     """Every target of issue #13 against the records in ``results`` (newest record per configuration)."""
+    from bench.harness import load_results  # harness imports torch: not for --list
+
     at_ = TARGET_AT["quick" if quick else "gpu"]
     data = load_results(results)
     rows: list[dict] = []
@@ -501,6 +490,8 @@ _PROFILE_WHERE = {"projected_mse_loss": ("B", "d", "d_out"), "clip_contrastive_l
 
 def profile_rows(results: Path) -> list[dict]:
     """The newest profiled record (``--profile``) per bench, shape and impl: device vs host ms per call, top kernel."""
+    from bench.harness import load_results  # harness imports torch: not for --list
+
     rows = {}
     for bench, recs in load_results(results).items():
         for r in recs:
@@ -541,23 +532,23 @@ def tune_rows(results: Path) -> list[dict]:
     error of loss/gradients vs the run's first default.
     """
     from bench.bench_clip_contrastive_loss import TUNE_CFG
+    from bench.harness import load_results
 
     recs = [r for r in load_results(results).get("clip_contrastive_loss", []) if r.get("impl") == "kclip-tune"]
     if not recs:
         return []
     run = recs[-1].get("run_id")
     recs = [r for r in recs if r.get("run_id") == run]
-    strategy = lambda r: r.get("strategy", "fused")  # noqa: E731 - records before the chunked strategy: fused
-    defaults = {(r["N"], r["D"], strategy(r)): r for r in recs if r.get("varied") == "default"}
+    defaults = {(r["N"], r["D"], r["strategy"]): r for r in recs if r.get("varied") == "default"}
     rows = []
     for r in recs:
-        base = defaults.get((r["N"], r["D"], strategy(r)))
+        base = defaults.get((r["N"], r["D"], r["strategy"]))
         which = r.get("varied")
         cfg_key = TUNE_CFG.get(which, "grad_cfg")
         change = "–" if which == "default" or base is None else ", ".join(
             f"{k}={v}" for k, v in (r.get(cfg_key) or {}).items() if (base.get(cfg_key) or {}).get(k) != v) or "same"
         speedup = (_ms(base) / _ms(r)) if base and _ms(base) and _ms(r) else None
-        rows.append({"N": r["N"], "D": r["D"], "strategy": strategy(r), "varied": which, "change": change,
+        rows.append({"N": r["N"], "D": r["D"], "strategy": r["strategy"], "varied": which, "change": change,
                      "ms": _ms(r), "speedup": speedup, "err": r.get("max_rel_err_vs_default"), "error": r.get("error")})
     return rows
 

@@ -11,6 +11,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -202,7 +203,6 @@ def count_host_syncs(fn: Callable[[], object], device: torch.device | str, rep: 
     """
     import collections
     import contextlib
-    import sys
     import warnings
     from unittest import mock
 
@@ -379,6 +379,47 @@ class ResultsLog:
             out.append(json.dumps(next(mine), sort_keys=True) if is_mine else line)
         atomic_write_text(self.path, "".join(x + "\n" for x in out))
         return self.path
+
+
+def read_records(path: Path | str) -> list[dict]:
+    """One results file's records, in file order. Unreadable lines (a run killed mid-write) are skipped, counted
+    and reported on stderr; records written before a field existed get the value it implied (``_backfill``)."""
+    path = Path(path)
+    recs, bad = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(rec, dict):
+            recs.append(_backfill(path.stem, rec))
+        else:
+            bad += 1
+    if bad:
+        print(f"[bench] {path}: skipped {bad} unreadable line(s)", file=sys.stderr)
+    return recs
+
+
+def load_results(results_dir: Path | str) -> dict[str, list[dict]]:
+    """bench name (file stem) -> its records (:func:`read_records`), for every ``*.jsonl`` in ``results_dir``
+    that holds any."""
+    out = {}
+    for path in sorted(Path(results_dir).glob("*.jsonl")):
+        recs = read_records(path)
+        if recs:
+            out[path.stem] = recs
+    return out
+
+
+def _backfill(bench: str, rec: dict) -> dict:
+    """Fields that records written before they existed imply: a contrastive ``kclip`` or ``kclip-tune`` record
+    without a ``strategy`` ran the fused kernels (the only strategy until the chunked one became the default)."""
+    if bench == "clip_contrastive_loss" and rec.get("impl") in ("kclip", "kclip-tune") and "strategy" not in rec:
+        return {**rec, "strategy": "fused"}
+    return rec
 
 
 def plot_vs(records: list[dict], x: str, ys: list[str], group: str, out_png: Path | str, title: str = "") -> Path:

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 from pathlib import Path
 
-from bench.harness import RESULTS_DIR
+from bench.harness import RESULTS_DIR, load_results
 from kclip.atomic import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -41,33 +40,6 @@ PROVENANCE = {"max_position_embeddings", "num_attention_heads", "num_key_value_h
 HIDDEN_IMPLS = {"kclip-tune"}
 METRIC_HINTS = ("ms", "bytes", "flops", "per_s", "_s", "steps", "pairs", "efficiency", "cos", "vs_", "ratio",
                 "over", "mfu", "error", "iters", "inertia", "time", "speedup", "batches")
-
-
-def load_records(results_dir: Path) -> dict[str, list[dict]]:
-    """bench name (file stem) -> records, in file order; unreadable lines are skipped and counted."""
-    out: dict[str, list[dict]] = {}
-    for path in sorted(Path(results_dir).glob("*.jsonl")):
-        recs, bad = [], 0
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
-            try:
-                recs.append(json.loads(line))
-            except json.JSONDecodeError:
-                bad += 1
-        if bad:
-            print(f"[readme_table] {path}: skipped {bad} unreadable line(s)")
-        if recs:
-            out[path.stem] = [_backfill(path.stem, r) for r in recs]
-    return out
-
-
-def _backfill(bench: str, rec: dict) -> dict:
-    """Fields that records written before they existed imply: a contrastive ``kclip`` record without a
-    ``strategy`` was the fused kernel (the only strategy until the chunked one became the default)."""
-    if bench == "clip_contrastive_loss" and rec.get("impl") == "kclip" and "strategy" not in rec:
-        return {**rec, "strategy": "fused"}
-    return rec
 
 
 def config_of(bench: str, rec: dict) -> tuple:
@@ -269,7 +241,7 @@ def main(argv=None) -> str:
     p.add_argument("--max-rows", type=int, default=16, help="rows per generic (kernel) bench table")
     p.add_argument("--print", dest="print_only", action="store_true", help="print the table, write nothing")
     args = p.parse_args(argv)
-    benches = load_records(Path(args.results_dir) if args.results_dir else RESULTS_DIR)
+    benches = load_results(Path(args.results_dir) if args.results_dir else RESULTS_DIR)
     if args.benches:
         benches = {k: v for k, v in benches.items() if k in args.benches}
     table = render(benches, args.max_rows)
