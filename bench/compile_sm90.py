@@ -27,13 +27,13 @@ import os
 os.environ.pop("TRITON_INTERPRET", None)
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import datetime as _dt  # noqa: E402
 import importlib  # noqa: E402
 import inspect  # noqa: E402
+import io  # noqa: E402
 import re  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -104,20 +104,25 @@ def _specialize(fn, args: dict, constexprs: dict):
     return signature, constants, attrs
 
 
-def _ptxas_report(ptx: str) -> tuple[int | None, int | None]:
-    """(registers per thread, spill-store bytes) from ``ptxas -v`` on the PTX; (None, None) without ptxas."""
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-        ptxas = get_ptxas(TARGET.arch).path
-    except Exception:  # noqa: BLE001 - a Triton without the helper: report the cubin only
-        return None, None
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "k.ptx"
-        src.write_text(ptx, encoding="utf-8")
-        out = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{TARGET.arch}a", str(src), "-o", str(Path(tmp) / "k.o")],
-                             capture_output=True, text=True, timeout=300)
-    regs = re.search(r"Used (\d+) registers", out.stderr)
-    spill = re.search(r"(\d+) bytes spill stores", out.stderr)
+def _compile(src: ASTSource, num_warps: int, num_stages: int):
+    """``triton.compile`` for sm_90 and the log of Triton's own ptxas run on it.
+
+    The log is the one a launch's compile writes, so registers and spills come with Triton's own ptxas flags
+    (from 3.8 on, ``--regAllocOptLevel=2``, a workaround for ptxas 13.x) and its own ptxas (from 3.9 on, the
+    CUDA 13.4 one also for sm_90). A kernel found in Triton's cache would skip ptxas, so it is compiled afresh.
+    """
+    log = io.StringIO()
+    with triton.knobs.compilation.scope(), triton.knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+        triton.knobs.compilation.always_compile = True
+        triton.knobs.nvidia.dump_ptxas_log = True
+        kernel = triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
+    return kernel, log.getvalue()
+
+
+def _ptxas_numbers(log: str) -> tuple[int | None, int | None]:
+    """(registers per thread, spill-store bytes) from a ``ptxas -v`` log; None where the log does not say."""
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores", log)
     return (int(regs.group(1)) if regs else None), (int(spill.group(1)) if spill else None)
 
 
@@ -126,14 +131,14 @@ def compile_kernel(rep: Report, fn, args: dict, constexprs: dict, num_warps: int
     try:
         signature, constants, attrs = _specialize(fn, args, constexprs)
         src = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
-        kernel = triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
+        kernel, log = _compile(src, num_warps, num_stages)
         rep.shared = kernel.metadata.shared
         if rep.shared > H100_MAX_SHARED:  # compile does not check this; the launch would fail with OutOfResources
             raise triton.runtime.errors.OutOfResources(rep.shared, H100_MAX_SHARED, "shared memory")
         ptx = kernel.asm["ptx"]
         rep.wgmma = ptx.count("wgmma.mma_async")
         rep.mma_sync = len(re.findall(r"\bmma\.sync", ptx))
-        rep.registers, rep.spill_bytes = _ptxas_report(ptx)
+        rep.registers, rep.spill_bytes = _ptxas_numbers(log)
     except Exception as exc:  # noqa: BLE001 - reported per config
         rep.error = f"{type(exc).__name__}: {str(exc)[:300]}"
     return rep
