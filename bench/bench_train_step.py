@@ -267,7 +267,8 @@ class OpenClipStyleRunner(Runner):
                                                  rank=dist.rank, world_size=dist.world_size)
         self.kernel_path = "open_clip ClipLoss + eager MSE"
 
-    def step(self, i: int) -> None:
+    def loss(self, i: int) -> torch.Tensor:
+        """Batch ``i``'s total loss (under autocast): open_clip's ClipLoss, an eager projected MSE, the concept CE."""
         images, tokens, teacher, concept = self.inputs.batch(i)
         head = self.model.head
         with self.autocast:
@@ -277,8 +278,10 @@ class OpenClipStyleRunner(Runner):
             l_emb = (proj.float() - teacher.float()).pow(2).sum(-1).mean()
             img = F.linear(out["image"], head.weight.detach(), head.bias.detach())        # (B, d')
             l_conc = F.cross_entropy(F.linear(img.float(), head.concept_weight, head.concept_bias), concept)
-            loss = ALPHA * l_emb + BETA * l_conc + GAMMA * l_cont
-        loss.backward()
+            return ALPHA * l_emb + BETA * l_conc + GAMMA * l_cont
+
+    def step(self, i: int) -> None:
+        self.loss(i).backward()
         torch.nn.utils.clip_grad_norm_(self.params, GRAD_CLIP, foreach=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -295,14 +298,11 @@ class KclipTorchRunner(OpenClipStyleRunner):
         self.loss_fn = KnowledgeClipLoss(ALPHA, BETA, GAMMA, "triton", world_size=dist.world_size)
         self.kernel_path = kernel_path(dist.device)
 
-    def step(self, i: int) -> None:
+    def loss(self, i: int) -> torch.Tensor:
+        """Batch ``i``'s total loss (under autocast) from the product's model and ``KnowledgeClipLoss``."""
         images, tokens, teacher, concept = self.inputs.batch(i)
         with self.autocast:
-            loss, _ = self.loss_fn(self.forward(images, tokens, teacher, concept))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, GRAD_CLIP, foreach=True)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            return self.loss_fn(self.forward(images, tokens, teacher, concept))[0]
 
 
 def kernel_path(device: torch.device) -> str:
