@@ -430,14 +430,19 @@ def plot_vs(records: list[dict], x: str, ys: list[str], group: str, out_png: Pat
 
     fig, axes = plt.subplots(1, len(ys), figsize=(5 * len(ys), 4), squeeze=False)
     for ax, y in zip(axes[0], ys):
+        plotted = 0
         for key in sorted({str(r.get(group)) for r in records}):
             pts = sorted((r[x], r[y]) for r in records if str(r.get(group)) == key and r.get(y) is not None)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+                plotted += 1
         ax.set_xlabel(x)
         ax.set_ylabel(y)
+        if not plotted:  # e.g. peak CUDA memory in a CPU run: say so instead of an empty log-log panel
+            ax.text(0.5, 0.5, f"no {y} in these records", transform=ax.transAxes, ha="center", va="center")
+            continue
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title)

@@ -34,6 +34,16 @@ def test_results_log_appends_at_once_and_updates_in_place(tmp_path):
     assert recs[1]["seq"] == 0 and recs[2]["seq"] == 1 and recs[1]["run_id"] == log.run_id
 
 
+def test_plot_vs_says_when_a_metric_was_not_measured(tmp_path):
+    import warnings
+    recs = [{"N": n, "series": s, "ms_median": n * k, "peak_mem_mib": None}  # no CUDA memory on CPU
+            for n in (64, 128) for s, k in (("a", 1.0), ("b", 2.0))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an empty legend warns
+        png = harness.plot_vs(recs, "N", ["ms_median", "peak_mem_mib"], "series", tmp_path / "p.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_profile_fn_names_the_op_that_takes_the_time():
     import torch
 
