@@ -22,8 +22,9 @@ Cost per Lloyd iteration on the GPU, N = 500k, D = 4096, K = 1000, bf16 data hel
 from FLOPs and bandwidth, not a measurement: ``python -m bench.bench_kmeans`` measures ``ms_per_iter``,
 ``kclip-assign`` and ``kclip-update`` rows): the assignment is 2*N*K*D = 4.1 TFLOP, ~6-9 ms on an H200 at
 50-70% of its 989 TFLOP/s bf16 peak; the update reads x once (4.1 GB), ~1-1.5 ms at 4.8 TB/s; the sort
-(N int64), bincount and the (K, D) centroid division are well under 1 ms. About 8-11 ms in all, inside the
-20 ms target. A one-hot GEMM update would add another 4.1 TFLOP (~5-7 ms). fp32 data (what
+(N int64), the segment bounds and the (K, D) centroid division are well under 1 ms. About 8-11 ms in all,
+inside the 20 ms target. The host waits for the device once per iteration (the convergence read): neither
+kernel waits by itself. A one-hot GEMM update would add another 4.1 TFLOP (~5-7 ms). fp32 data (what
 ``TeacherTargets`` yields) runs the assignment in IEEE fp32 without tensor cores, about 10x slower: pass
 bf16/fp16 rows for speed.
 """
@@ -279,21 +280,24 @@ def _lloyd_triton(x, k: int, seed: int, max_iter: int, tol: float, init, chunk_s
     labels = torch.empty(n, dtype=torch.int64, device=device)  # (N,)
     sqdist = torch.empty(n, dtype=torch.float32, device=device)  # (N,)
 
-    def assign_and_sum(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Assign every row to its nearest centroid; the per-cluster sums (K, D) fp32 and counts (K,)."""
+    def assign_and_sum(c: torch.Tensor, with_sums: bool = True):
+        """Assign every row to its nearest centroid; the per-cluster sums (K, D) fp32 and counts (K,) unless
+        ``with_sums`` is False. kmeans_assign's labels lie in [0, K) by construction, so the update skips its
+        range check: the loop's only host read stays the one per iteration below."""
         if data.whole_on_device:  # thousands of row blocks / (cluster, column) programs keep every SM busy
             labels[:], sqdist[:] = kmeans_assign(data.resident, c)
-            return kmeans_update(data.resident, labels, k)
+            return kmeans_update(data.resident, labels, k, check_labels=False) if with_sums else None
         sums = torch.zeros((k, data.d), dtype=torch.float32, device=device)  # (K, D)
         counts = torch.zeros(k, dtype=torch.int64, device=device)  # (K,)
         for s, xb in data.chunks():  # streamed (or CPU) data: chunk by chunk, partials added in chunk order
             lab, sq = kmeans_assign(xb, c)  # (B,), (B,)
             labels[s:s + xb.shape[0]] = lab
             sqdist[s:s + xb.shape[0]] = sq
-            part_sums, part_counts = kmeans_update(xb, lab, k)
-            sums += part_sums
-            counts += part_counts
-        return sums, counts
+            if with_sums:
+                part_sums, part_counts = kmeans_update(xb, lab, k, check_labels=False)
+                sums += part_sums
+                counts += part_counts
+        return (sums, counts) if with_sums else None
 
     iterator = range(max_iter)
     if progress:
@@ -337,7 +341,7 @@ def _lloyd_triton(x, k: int, seed: int, max_iter: int, tol: float, init, chunk_s
         if shift < tol:
             break
     if not converged_exactly:  # labels and inertia for the final centroids
-        assign_and_sum(centroids)
+        assign_and_sum(centroids, with_sums=False)
     inertia = float(sqdist.double().sum())
     return KMeansResult(labels=labels.cpu(), centroids=centroids.float().cpu(), inertia=inertia,
                         n_iter=n_iter, backend="triton")

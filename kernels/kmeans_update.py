@@ -9,7 +9,8 @@ What is fused
     rows in that fixed order. No atomics, no fp32 copy of ``x``.
 
 Maths
-    counts = bincount(labels), offsets = [0, cumsum(counts)], order = stable argsort(labels). Program (k, j)
+    order = stable argsort(labels) (one sort gives the sorted labels too), offsets[j] = #{labels < j} for
+    j = 0..K (``searchsorted`` on the sorted labels), counts = diff(offsets). Program (k, j)
     walks ``order[offsets[k]:offsets[k+1]]`` in blocks of BLOCK_R rows, loads each gathered (BLOCK_R, BLOCK_D)
     tile of columns ``j * BLOCK_D ...`` and adds it (in fp32) into an fp32 accumulator of the same shape
     (BLOCK_R interleaved partial sums per column, which also rounds less than one running sum), then
@@ -25,8 +26,14 @@ Memory and cost
     assignment itself: ~5-7 ms at a realistic 600-800 TFLOP/s in bf16, and in IEEE fp32 (no tensor cores)
     ~70 ms. The atomic ``index_add_`` it replaces also needed an fp32 copy of ``x`` (8 GB written).
 
+Host waits
+    None with ``check_labels=False`` (sort, searchsorted and the kernel are asynchronous; ``bincount`` on CUDA
+    would read the labels' range on the host), so a Lloyd loop keeps its one host read per iteration. With
+    the default ``check_labels=True``: one read, the smallest and largest label together.
+
 Limits
-    labels must lie in [0, K) (checked: ``bincount`` synchronises with the host once per call). A program's
+    labels must lie in [0, K): checked by default; ``check_labels=False`` is for callers whose labels are in
+    range by construction (``kmeans_assign``'s), and there a label outside [0, K) is counted nowhere. A program's
     work is its cluster's size: one cluster holding most points leaves most SMs idle (still one pass over x
     spread over D / BLOCK_D programs).
 """
@@ -116,15 +123,25 @@ def _block_sizes(d: int) -> dict:
     return dict(BLOCK_R=32, BLOCK_D=128 if d > 64 else max(16, triton.next_power_of_2(d)), num_warps=4, num_stages=2)
 
 
-def _kmeans_update_triton(x: torch.Tensor, labels: torch.Tensor, k: int):
+def _segments(labels: torch.Tensor, k: int, check: bool):
+    """The rows in cluster order (N,), each cluster's [start, stop) in that order (K + 1,), and the counts (K,):
+    one stable sort and a ``searchsorted``, no host wait unless ``check`` (then one read of both ends)."""
+    sorted_labels, order = torch.sort(labels, stable=True)  # (N,), (N,) int64: ascending rows within a cluster
+    if check and labels.numel():
+        lo, hi = torch.stack([sorted_labels[0], sorted_labels[-1]]).tolist()
+        if lo < 0 or hi >= k:
+            raise ValueError(f"kmeans_update: labels must lie in [0, k={k}), got {lo if lo < 0 else hi}")
+    bounds = torch.arange(k + 1, dtype=sorted_labels.dtype, device=labels.device)  # (K + 1,)
+    offsets = torch.searchsorted(sorted_labels, bounds)  # (K + 1,) int64: offsets[j] = #{labels < j}
+    return order, offsets, offsets.diff()
+
+
+def _kmeans_update_triton(x: torch.Tensor, labels: torch.Tensor, k: int, check_labels: bool = True):
     if x.dtype == torch.float64:
         x = x.float()
     n, d = x.shape
-    counts = _counts(labels, k)  # (K,)
+    order, offsets, counts = _segments(labels, k, check_labels)  # (N,), (K + 1,), (K,)
     sums = torch.empty((k, d), dtype=torch.float32, device=x.device)  # (K, D)
-    offsets = torch.zeros(k + 1, dtype=torch.int64, device=x.device)  # (K + 1,)
-    offsets[1:] = counts.cumsum(0)
-    order = torch.sort(labels, stable=True).indices  # (N,) int64, ascending rows within a cluster
     if d == 0:
         return sums, counts
     cfg = _block_sizes(d)
@@ -136,7 +153,7 @@ def _kmeans_update_triton(x: torch.Tensor, labels: torch.Tensor, k: int):
     return sums, counts
 
 
-def kmeans_update(x: torch.Tensor, labels: torch.Tensor, k: int):
+def kmeans_update(x: torch.Tensor, labels: torch.Tensor, k: int, check_labels: bool = True):
     """Per-cluster sums (fp32) and counts of ``x`` under ``labels``: the pieces of the Lloyd update.
 
     Runs the Triton kernel on CUDA tensors (and on CPU tensors under ``TRITON_INTERPRET=1``), else the PyTorch
@@ -146,6 +163,8 @@ def kmeans_update(x: torch.Tensor, labels: torch.Tensor, k: int):
         x: points, fp32/bf16/fp16 (fp64 is summed in fp32 by the kernel).
         labels: cluster of each row, int64/int32 in [0, k).
         k: number of clusters.
+        check_labels: raise on a label outside [0, k) (one host read on the Triton path). False for labels
+            in range by construction (``kmeans_assign``'s): then the Triton path never waits for the device.
 
     Shapes:
         x (N, D), labels (N,) -> sums float32 (K, D), counts int64 (K,)
@@ -154,4 +173,4 @@ def kmeans_update(x: torch.Tensor, labels: torch.Tensor, k: int):
     if not use_triton(x, labels):
         return kmeans_update_reference(x, labels, k)
     with torch.no_grad():
-        return _kmeans_update_triton(x.detach(), labels, k)
+        return _kmeans_update_triton(x.detach(), labels, k, check_labels)

@@ -198,3 +198,16 @@ def test_gpu_fit_reads_the_tensor_in_place_and_checks_it_on_device():
     xt[123_457, 7] = float("nan")
     with pytest.raises(ValueError, match="first bad row 123457"):
         fit_kmeans(xt, 16, backend="triton", seed=0, max_iter=2)
+
+
+def test_triton_lloyd_loop_waits_for_the_device_once_per_iteration(triton_calls):
+    from bench.harness import count_host_syncs
+    x, _, _ = planted(n=300, d=8, k=4, seed=5)
+    init, xt = x[:4].copy(), torch.from_numpy(x)
+    res = fit_kmeans(xt, 4, backend="triton", init=init, max_iter=3, tol=0.0)
+    got = count_host_syncs(lambda: fit_kmeans(xt, 4, backend="triton", init=init, max_iter=3, tol=0.0), "cpu",
+                           rep=1, top=50)
+    sites = {s["where"]: s["per_call"] for s in got["sites"]}
+    assert not [w for w in sites if w.startswith("kernels/")], sites  # assign and update never wait themselves
+    # the loop: one read per iteration, then the result's three (inertia, labels, centroids)
+    assert sum(n for w, n in sites.items() if "(_lloyd_triton)" in w) == res.n_iter + 3, sites

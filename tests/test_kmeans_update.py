@@ -67,3 +67,15 @@ def test_errors():
         kmeans_update(x, labels[:-1], 4)
     with pytest.raises(TypeError, match="int64 or int32"):
         kmeans_update(x, labels.float(), 4)
+
+
+def test_unchecked_labels_give_the_same_result_without_a_host_wait(kernel_calls):
+    from bench.harness import count_host_syncs
+    x, labels = _data(257, 19, 6, seed=3, empty=(2,))
+    checked = kmeans_update(x, labels, 6)
+    unchecked = kmeans_update(x, labels, 6, check_labels=False)
+    assert kernel_calls == [(257, 19), (257, 19)]
+    assert torch.equal(checked[0], unchecked[0]) and torch.equal(checked[1], unchecked[1])
+    # the Lloyd loop's update (labels from kmeans_assign) never waits; a checked call reads both label ends once
+    assert count_host_syncs(lambda: kmeans_update(x, labels, 6, check_labels=False), DEVICE)["per_call"] == 0
+    assert count_host_syncs(lambda: kmeans_update(x, labels, 6), DEVICE)["per_call"] == 1
