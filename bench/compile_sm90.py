@@ -44,6 +44,7 @@ from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 import kclip.kernels  # noqa: E402,F401  (binds the public functions before the op modules are read)
+from kclip.kernels.dispatch import FP_FUSION  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 H100_MAX_SHARED = 232_448  # bytes of shared memory one block may opt into on sm_90 (227 KiB)
@@ -115,7 +116,8 @@ def _compile(src: ASTSource, num_warps: int, num_stages: int):
     with triton.knobs.compilation.scope(), triton.knobs.nvidia.scope(), contextlib.redirect_stdout(log):
         triton.knobs.compilation.always_compile = True
         triton.knobs.nvidia.dump_ptxas_log = True
-        kernel = triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
+        kernel = triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages,
+                                                                  **FP_FUSION))  # the launches' options
     return kernel, log.getvalue()
 
 

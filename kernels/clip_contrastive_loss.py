@@ -132,7 +132,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from .dispatch import cdiv, interpreting, use_triton
+from .dispatch import FP_FUSION, cdiv, interpreting, use_triton
 
 try:  # Triton is optional on CPU-only installs: the reference path still works.
     import triton
@@ -634,7 +634,7 @@ def _row_stats_fused(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, offs
     _row_stats_kernel[grid](
         a, b, scale, lse, w, diag, NA, NB, D, offset, a.stride(0), b.stride(0),
         UPCAST=interpreting() and a.dtype != torch.float32, PRECISION=_precision(a.dtype),
-        EVEN_K=D % cfg["BLOCK_K"] == 0, **cfg)
+        EVEN_K=D % cfg["BLOCK_K"] == 0, **cfg, **FP_FUSION)
     TRITON_LAUNCHES += 1
     return lse, w, diag
 
@@ -653,7 +653,7 @@ def _grad_fused(a, b, lse_a, lse_b, scale, coef, offset: int) -> torch.Tensor:
     _grad_kernel[grid](
         a, b, lse_a, lse_b, scale, coef, da, NA, NB, D, offset, a.stride(0), b.stride(0), da.stride(0),
         UPCAST=interpreting() and a.dtype != torch.float32, PRECISION=_precision(a.dtype),
-        EVEN_K=D % cfg["BLOCK_K"] == 0, **cfg)
+        EVEN_K=D % cfg["BLOCK_K"] == 0, **cfg, **FP_FUSION)
     TRITON_LAUNCHES += 1
     return da
 
@@ -721,7 +721,7 @@ def _tile_stats(a, b, scale, diag, row_part, col_part, row0: int, r: int, offset
     ncb, nrb = cdiv(b.shape[0], cfg["TILE_N"]), cdiv(r, cfg["TILE_M"])
     _chunk_tile_stats_kernel[(nrb, ncb)](
         a, b, scale, row_part, col_part, diag, r, b.shape[0], a.shape[1], row0, offset, a.stride(0), b.stride(0),
-        ncb, nrb, STORE_COLS=store_cols, **_tile_gemm_args(a, cfg))
+        ncb, nrb, STORE_COLS=store_cols, **_tile_gemm_args(a, cfg), **FP_FUSION)
     return ncb, nrb
 
 
@@ -740,13 +740,14 @@ def _row_stats_chunked(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, of
             ncb, _ = _tile_stats(a, b, scale, diag, row_part, row_part, row0, r, offset, cfg, store_cols=False)
             _chunk_row_combine_kernel[(cdiv(r, cfg["COMBINE_M"]),)](
                 row_part, row_part, lse, w, diag, r, ncb, row0, 0,
-                BLOCK_M=cfg["COMBINE_M"], BLOCK_C=cfg["COMBINE_C"], LOAD_DIAG=False, num_warps=cfg["num_warps"])
+                BLOCK_M=cfg["COMBINE_M"], BLOCK_C=cfg["COMBINE_C"], LOAD_DIAG=False, num_warps=cfg["num_warps"],
+                **FP_FUSION)
             TRITON_LAUNCHES += 2
         return lse, w, diag
     for row0, r, g in _cosine_chunks(a, b, rows):
         _chunk_row_stats_kernel[(cdiv(r, cfg["STATS_M"]),)](
             g, scale, lse, w, diag, r, NB, row0, offset, g.stride(0),
-            BLOCK_M=cfg["STATS_M"], BLOCK_N=cfg["STATS_N"], num_warps=cfg["num_warps"])
+            BLOCK_M=cfg["STATS_M"], BLOCK_N=cfg["STATS_N"], num_warps=cfg["num_warps"], **FP_FUSION)
         TRITON_LAUNCHES += 1
     return lse, w, diag
 
@@ -772,9 +773,10 @@ def _pair_stats_chunked(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor):
         for row0, r, _ in _cosine_chunks(a, b, rows, cublas=False):  # fixed chunk order: deterministic
             ncb, nrb = _tile_stats(a, b, scale, diag, row_part, col_part, row0, r, 0, cfg, store_cols=True)
             _chunk_row_combine_kernel[(cdiv(r, cfg["COMBINE_M"]),)](
-                row_part, row_part, lse, w, diag, r, ncb, row0, 0, LOAD_DIAG=False, **combine)
+                row_part, row_part, lse, w, diag, r, ncb, row0, 0, LOAD_DIAG=False, **combine, **FP_FUSION)
             _chunk_col_combine_kernel[(cdiv(NB, cfg["PAIR_N"]),)](
-                col_part, col[0], col[1], col[2], NB, nrb, BLOCK_N=cfg["PAIR_N"], num_warps=cfg["num_warps"])
+                col_part, col[0], col[1], col[2], NB, nrb, BLOCK_N=cfg["PAIR_N"], num_warps=cfg["num_warps"],
+                **FP_FUSION)
             TRITON_LAUNCHES += 3
     else:
         ncb = cdiv(NB, cfg["PAIR_N"])
@@ -782,9 +784,9 @@ def _pair_stats_chunked(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor):
         for row0, r, g in _cosine_chunks(a, b, rows):  # chunks in a fixed order: deterministic column statistics
             _chunk_pair_stats_kernel[(ncb,)](
                 g, scale, part, col[0], col[1], col[2], r, NB, ncb, g.stride(0),
-                BLOCK_M=cfg["PAIR_M"], BLOCK_N=cfg["PAIR_N"], num_warps=cfg["num_warps"])
+                BLOCK_M=cfg["PAIR_M"], BLOCK_N=cfg["PAIR_N"], num_warps=cfg["num_warps"], **FP_FUSION)
             _chunk_row_combine_kernel[(cdiv(r, cfg["COMBINE_M"]),)](part, g, lse, w, diag, r, ncb, row0,
-                                                                     g.stride(0), **combine)
+                                                                     g.stride(0), **combine, **FP_FUSION)
             TRITON_LAUNCHES += 2
     col_lse = col[0] * 0.6931471805599453 + torch.log(col[1])  # (NB,)
     return lse, w, diag, col_lse, col[2] / col[1]
@@ -808,12 +810,12 @@ def _grad_chunked(a, b, lse_a, lse_b, scale, coef, offset: int) -> torch.Tensor:
             kw = _tile_gemm_args(a, cfg)
             grid = (cdiv(r, kw["BLOCK_M"]), cdiv(NB, kw["BLOCK_N"]))
             _chunk_probs_kernel[grid](p, p, lse_a, lse_b, scale, a, b, r, NB, D, row0, offset, 0, p.stride(0),
-                                      a.stride(0), b.stride(0), TILE_GEMM=True, **kw)
+                                      a.stride(0), b.stride(0), TILE_GEMM=True, **kw, **FP_FUSION)
         else:
             grid = (cdiv(r, cfg["PROBS_M"]), cdiv(NB, cfg["PROBS_N"]))
             _chunk_probs_kernel[grid](
                 g, p, lse_a, lse_b, scale, a, b, r, NB, D, row0, offset, g.stride(0), p.stride(0), a.stride(0),
-                b.stride(0), BLOCK_M=cfg["PROBS_M"], BLOCK_N=cfg["PROBS_N"], num_warps=cfg["num_warps"])
+                b.stride(0), BLOCK_M=cfg["PROBS_M"], BLOCK_N=cfg["PROBS_N"], num_warps=cfg["num_warps"], **FP_FUSION)
         TRITON_LAUNCHES += 1
         _gemm_fp32(p[:r], b, acc[:r])
         torch.mul(acc[:r], factor, out=da[row0:row0 + r])

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import cdiv, interpreting, use_triton
+from .dispatch import FP_FUSION, cdiv, interpreting, use_triton
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -180,7 +180,7 @@ def _kmeans_assign_triton(x: torch.Tensor, centroids: torch.Tensor):
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"],
         UPCAST=interpreting() and x.dtype != torch.float32,
         IEEE=x.dtype == torch.float32,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **FP_FUSION,
     )
     return labels, sqdist
 

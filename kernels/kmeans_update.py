@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import cdiv, interpreting, use_triton
+from .dispatch import FP_FUSION, cdiv, interpreting, use_triton
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -149,6 +149,7 @@ def _kmeans_update_triton(x: torch.Tensor, labels: torch.Tensor, k: int, check_l
     _segment_sum_kernel[grid](
         x, order, offsets, sums, d, x.stride(0), x.stride(1),
         BLOCK_R=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **FP_FUSION,
     )
     return sums, counts
 

@@ -78,7 +78,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .dispatch import cdiv, interpreting, use_triton
+from .dispatch import FP_FUSION, cdiv, interpreting, use_triton
 
 __all__ = ["projected_mse_loss", "projected_mse_loss_reference"]
 
@@ -263,7 +263,7 @@ def _launch_forward(x2, weight, target2, bias, store_g, store_colsum):
         g.stride(0) if g is not None else 0, g.stride(1) if g is not None else 0,
         partials.stride(0),
         HAS_BIAS=bias is not None, STORE_G=store_g, STORE_COLSUM=store_colsum,
-        UPCAST=upcast, INPUT_PRECISION=precision,
+        UPCAST=upcast, INPUT_PRECISION=precision, **FP_FUSION,
     )
     LAUNCH_COUNTS["forward"] += 1
     best = kernel.best_config.kwargs

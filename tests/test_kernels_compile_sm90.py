@@ -61,3 +61,20 @@ def test_compile_report_specialises_like_a_launch():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert out.returncode == 0 and "specialised" in out.stdout, out.stdout + out.stderr[-3000:]
+
+
+def test_launch_options_are_options_of_the_cuda_backend():
+    """Every launch passes ``FP_FUSION``. A GPU launch raises KeyError for a keyword that is neither a kernel
+    argument nor an option of the CUDA backend; the interpreter (CI) drops such keywords silently, so check here
+    that the backend of the installed Triton knows each one and keeps its value."""
+    pytest.importorskip("triton.backends.nvidia")
+    code = (
+        "from triton.backends.compiler import GPUTarget\n"
+        "from triton.compiler.compiler import make_backend\n"
+        "from kclip.kernels.dispatch import FP_FUSION\n"
+        "opts = make_backend(GPUTarget('cuda', 90, 32)).parse_options(dict(FP_FUSION, num_warps=4)).__dict__\n"
+        "assert all(opts.get(k) == v for k, v in FP_FUSION.items()), (FP_FUSION, opts)\n"
+        "print('options ok')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert out.returncode == 0 and "options ok" in out.stdout, out.stdout + out.stderr[-3000:]
