@@ -6,12 +6,10 @@ setup(
     version="0.1.0",
     description="Knowledge-CLIP trainer: CLIP distilled from an 8-bit LLM teacher, fused Triton losses, DeepSpeed ZeRO",
     python_requires=">=3.10",
+    # Every package lives where its import name says (kclip/kernels is kclip.kernels). The top-level kernels/
+    # and configs/ are links into kclip/ for readers; kernels/ has no __init__.py, so it can never shadow
+    # Hugging Face's `kernels` package, which transformers >= 5.25 imports (see ARCHITECTURE.md).
     packages=["kclip", "kclip.eval", "kclip.kernels", "kclip.configs"],
-    # kernels/ is installed as kclip.kernels, never as a top-level `kernels` (a Hugging Face package of that
-    # name is probed by transformers and bitsandbytes at import time). configs/ (the YAML presets and the
-    # DeepSpeed JSONs) stays at the top of the repository and is installed as kclip.configs, where
-    # kclip.config finds it through importlib.resources, installed or not.
-    package_dir={"kclip.kernels": "kernels", "kclip.configs": "configs"},
     package_data={"kclip": ["model_configs/*.json"], "kclip.configs": ["*.yaml", "ds/*.json"]},
     include_package_data=True,
     install_requires=[

@@ -5,16 +5,10 @@ output was made from the same inputs, rebuilt or stopped (``--rebuild STAGE``) w
 runs the embedded default (configs/tiny.yaml), which finishes on a CPU in minutes. All decisions live in the
 kclip library; this file only parses arguments.
 """
-import os
 import sys
 
-# The repo root holds kernels/ (installed as kclip.kernels). Keep it off sys.path so transformers and
-# bitsandbytes, which probe for Hugging Face's `kernels` package, never find this folder instead.
-_ROOT = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
-
-from kclip.cli import build_parser, run_from_args  # noqa: E402 (after the sys.path fix)
-from kclip.pipeline import STAGES  # noqa: E402
+from kclip.cli import build_parser, run_from_args
+from kclip.pipeline import STAGES
 
 
 def main(argv=None) -> int:

@@ -333,8 +333,8 @@ PREFLIGHT = ("import kclip.kernels as k; k.clip_contrastive_loss; import kclip.t
 def preflight(python: str, env: dict) -> str | None:
     """None when the suite's children can import kclip (kernels included), else what went wrong and what to do.
 
-    A tree copied to a benchmark machine needs kclip installed there (``pip install -e .``: ``kernels/`` is
-    the package ``kclip.kernels`` only through the install), or every kernel step fails at import.
+    A tree copied to a benchmark machine needs kclip and its dependencies installed there (``pip install -e .``),
+    or every kernel step fails at import.
     """
     out = subprocess.run([python, "-c", PREFLIGHT], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                          timeout=300)

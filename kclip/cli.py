@@ -64,6 +64,7 @@ def config_from_args(args):
 
 def run_from_args(args, stages) -> dict:
     from kclip import pipeline
+    from kclip.errors import UserError
 
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
@@ -80,9 +81,11 @@ def run_from_args(args, stages) -> dict:
     try:
         return pipeline.run(cfg, stages=stages, resume=args.resume, progress=args.progress,
                             stop_after=args.stop_after, rebuild=args.rebuild)
-    except (pipeline.StaleOutputError, pipeline.MissingInputError) as exc:
-        print(f"kclip: {exc}", file=sys.stderr)
-        raise SystemExit(3) from None
+    except UserError as exc:  # the user's to fix: one line, no traceback (a bug keeps its traceback)
+        if os.environ.get("RANK", "0") == "0":  # every rank raises it; one says it
+            print(f"kclip: {exc}", file=sys.stderr)
+        stale = isinstance(exc, (pipeline.StaleOutputError, pipeline.MissingInputError))
+        raise SystemExit(3 if stale else 2) from None
 
 
 def main(argv=None) -> int:
@@ -102,23 +105,25 @@ def main(argv=None) -> int:
 
 
 def bench_main(argv) -> int:
-    """``kclip bench NAME [args]`` runs bench/bench_NAME.py from the kclip checkout; ``kclip bench suite`` runs
-    bench/gpu_suite.py (every GPU measurement in priority order inside one time budget)."""
-    import runpy
+    """``kclip bench NAME [args]`` runs ``python -m bench.bench_NAME`` in the kclip checkout (bench/ ships with the
+    repository, not the wheel); ``kclip bench suite`` runs bench.gpu_suite (every GPU measurement in priority
+    order inside one time budget)."""
+    import subprocess
+    from pathlib import Path
 
-    from kclip.config import REPO_ROOT
-
-    bench_dir = REPO_ROOT / "bench"
-    files = {p.stem[len("bench_"):]: p for p in bench_dir.glob("bench_*.py")}
+    checkout = Path(__file__).resolve().parent.parent  # kclip/ sits at the top of the repository
+    bench_dir = checkout / "bench"
+    modules = {p.stem[len("bench_"):]: p.stem for p in bench_dir.glob("bench_*.py")}
     if (bench_dir / "gpu_suite.py").exists():
-        files["suite"] = bench_dir / "gpu_suite.py"
-    if not argv or argv[0] not in files:
-        print(f"usage: kclip bench NAME [args]; NAME is one of {', '.join(sorted(files)) or '(no bench/ found)'}",
-              file=sys.stderr)
+        modules["suite"] = "gpu_suite"
+    if not argv or argv[0] not in modules:
+        found = ", ".join(sorted(modules)) or f"none: {bench_dir} does not exist (bench/ comes with a git checkout)"
+        print(f"usage: kclip bench NAME [args]; NAME is one of {found}", file=sys.stderr)
         return 2
-    sys.path.insert(0, str(REPO_ROOT))
-    module = runpy.run_path(str(files[argv[0]]), run_name="kclip_bench")
-    return module["main"](argv[1:]) or 0
+    # the checkout on the child's path (bench is not installed); the user's working directory is kept, so
+    # relative --out paths land where they were typed
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(checkout), os.environ.get("PYTHONPATH")])))
+    return subprocess.call([sys.executable, "-m", f"bench.{modules[argv[0]]}", *argv[1:]], env=env)
 
 
 if __name__ == "__main__":

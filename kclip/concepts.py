@@ -27,6 +27,7 @@ from torch import nn
 
 from kclip import concept_plots
 from kclip.atomic import atomic_path, atomic_write_json
+from kclip.errors import MissingFileError
 from kclip.kmeans import cluster_size_stats, default_device, fit_kmeans, load_rows, rows_shape
 
 __all__ = ["train_concept_classifier", "run_concepts", "load_concepts", "CONCEPTS_FILE", "REPORT_FILE"]
@@ -260,7 +261,7 @@ def load_concepts(out_dir) -> dict[str, torch.Tensor]:
     """Tensors written by :func:`run_concepts`: labels, centroids, classifier.weight, classifier.bias."""
     path = Path(out_dir) / CONCEPTS_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run the concepts stage first (`kclip concepts`)")
+        raise MissingFileError(f"{path} not found: run the concepts stage first (`kclip concepts`)")
     from safetensors.torch import load_file
 
     return load_file(str(path))

@@ -4,10 +4,10 @@ The defaults of :class:`Config` *are* the embedded default (``configs/tiny.yaml`
 values; a test keeps the two equal). Unknown keys and wrong types are errors that name the key; the
 resolved config is saved into the run directory by the pipeline.
 
-Presets and DeepSpeed configs ship inside the package: the repository's ``configs/`` folder is installed as
-``kclip.configs`` (setup.py ``package_dir``) and read through ``importlib.resources``, so ``--config paper``
-and ``train.zero_stage`` resolve the same way from a checkout, an editable install and a wheel, whatever
-the working directory. A path that exists is always taken as given first.
+Presets and DeepSpeed configs ship inside the package (``kclip/configs``, linked from the repository's
+top-level ``configs/``) and are read through ``importlib.resources``, so ``--config paper`` and
+``train.zero_stage`` resolve the same way from a checkout, an editable install and a wheel, whatever the
+working directory. A path that exists is always taken as given first.
 """
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
-# The checkout, for what is not installed (bench/); configs come from the package, see find_config_file.
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from kclip.errors import UserError
+
 PRESETS_PACKAGE = "kclip.configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override is wrong; the message names the key and says what to do."""
 
 
@@ -212,19 +212,10 @@ def _omegaconf_error(exc: Exception, source: str) -> ConfigError:
 
 
 def _packaged_configs():
-    """The installed ``kclip.configs`` folder (an ``importlib.resources`` Traversable).
-
-    An editable install made before configs/ was packaged (or kclip imported from a checkout on PYTHONPATH)
-    has no ``kclip.configs``: then the checkout's configs/ folder is used; ``pip install -e .`` again fixes it.
-    """
+    """The ``kclip.configs`` folder (an ``importlib.resources`` Traversable)."""
     from importlib.resources import files
 
-    try:
-        return files(PRESETS_PACKAGE)
-    except ModuleNotFoundError:
-        if (REPO_ROOT / "configs").is_dir():
-            return REPO_ROOT / "configs"
-        raise
+    return files(PRESETS_PACKAGE)
 
 
 def preset_names() -> list[str]:

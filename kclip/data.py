@@ -28,12 +28,13 @@ import numpy as np
 import torch
 
 from kclip.atomic import atomic_write_text
+from kclip.errors import MissingFileError, UserError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 INDEX_VERSION = 1
 
 
-class BadSampleError(ValueError):
+class BadSampleError(UserError, ValueError):
     """A sample (row or shard member) cannot be used; the message names the file, row and what to do."""
 
 
@@ -88,7 +89,7 @@ def expand_shards(pattern: str) -> list[Path]:
     paths = [Path(p) for part in pattern.split("::") for p in braceexpand.braceexpand(part)]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"webdataset shard(s) not found: {', '.join(missing[:5])}"
+        raise MissingFileError(f"webdataset shard(s) not found: {', '.join(missing[:5])}"
                                 f"{' ...' if len(missing) > 5 else ''} (from data pattern {pattern!r})")
     return paths
 
@@ -105,7 +106,8 @@ def read_table(path: Path, image_column: str, caption_column: str, uid_column: s
     surrounding spaces. A configured column that is missing is an error listing the columns found.
     """
     if not path.is_file():
-        raise FileNotFoundError(f"pairs file {path} does not exist (config key data.train / data.val)")
+        raise MissingFileError(f"pairs file {path} does not exist (config key data.train / data.val): give the path "
+                               "of a CSV/TSV file of image,caption rows, absolute or relative to the working directory")
     pairs = []
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
@@ -228,7 +230,8 @@ def build_index(source: str, spec: str, image_column: str = "image", caption_col
     files = [Path(spec)] if source in ("csv", "synthetic") else expand_shards(spec)
     for f in files:
         if not f.is_file():
-            raise FileNotFoundError(f"pairs file {f} does not exist (config key data.train / data.val)")
+            raise MissingFileError(f"pairs file {f} does not exist (config key data.train / data.val): give the path "
+                                   "of a CSV/TSV file of image,caption rows, absolute or relative to the working directory")
     settings = dict(version=INDEX_VERSION, source=source, image_column=image_column, caption_column=caption_column,
                     uid_column=uid_column, on_bad_sample=on_bad_sample, files=_fingerprint(files))
     if cache_path is not None and cache_path.is_file():

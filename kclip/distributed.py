@@ -13,11 +13,14 @@ forgets the group; the backend is freed with the last reference).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import socket
 from dataclasses import dataclass
 
 import torch
+
+from kclip.notices import drop_notice
 
 
 @dataclass
@@ -39,6 +42,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def _quiet_without_cuda():
+    """Within the block, on a machine with no CUDA device, drop the notices DeepSpeed's import and start-up make
+    there: torch's extension loader warns "No CUDA runtime is found" (when DeepSpeed builds its CPU comm op) and
+    DeepSpeed "Setting accelerator to CPU. If you have GPU ..., we were unable to detect it". Both are expected on
+    a CPU machine; the pipeline says it once in kclip's words ("device: cpu ..."). With a GPU nothing is dropped.
+    """
+    if torch.cuda.is_available():
+        yield
+        return
+    with drop_notice("torch.utils.cpp_extension", "No CUDA runtime is found"), \
+            drop_notice("DeepSpeed", "Setting accelerator to CPU"):
+        yield
+
+
 def setup() -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (idempotent) and return this process's place.
 
@@ -46,9 +64,13 @@ def setup() -> DistInfo:
     ``MASTER_PORT`` if set, else on a port the OS picks (port 0) and this process holds from the start:
     two runs at once can never race for one port. The launcher's variables are then set to match.
     """
-    import deepspeed
     import torch.distributed as dist
 
+    with _quiet_without_cuda():
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator()  # chosen (and announced) on first use
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not dist.is_initialized():
         if "RANK" not in os.environ:
@@ -57,7 +79,8 @@ def setup() -> DistInfo:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(store.port))
             dist.init_process_group(backend, store=store, rank=0, world_size=1)
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)  # adopts a group made above
+        with _quiet_without_cuda():
+            deepspeed.init_distributed(dist_backend=backend, verbose=False)  # adopts a group made above
     elif "RANK" not in os.environ:  # a group made by the caller: DeepSpeed still checks the launcher's variables
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))

@@ -47,6 +47,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from kclip.atomic import atomic_write_bytes, atomic_write_json
+from kclip.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,11 @@ TEACHER_FIELDS = ("teacher", "revision", "precision", "pooling", "max_length", "
 READ_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
 
 
-class CacheMismatchError(ValueError):
+class CacheMismatchError(UserError, ValueError):
     """The cache on disk was built with another teacher config or other captions than the ones asked for."""
 
 
-class CacheCorruptError(RuntimeError):
+class CacheCorruptError(UserError, RuntimeError):
     """The cache on disk is incomplete or damaged (missing manifest or shard, wrong size or checksum)."""
 
 

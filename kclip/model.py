@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from kclip.config import ConfigError
+from kclip.errors import UserError
+from kclip.notices import drop_notice
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 _registered = False
@@ -42,15 +47,20 @@ def build_clip(name: str, pretrained: str = "", seed: int | None = None, device=
 
     register_model_configs()
     if name not in open_clip.list_models():
-        raise ValueError(f"model.name {name!r} is not an open_clip model; choose one of open_clip.list_models() "
-                         f"(e.g. ViT-B-32) or kclip's {sorted(p.stem for p in MODEL_CONFIG_DIR.glob('*.json'))}")
+        raise ConfigError(f"config key 'model.name' is {name!r}, not an open_clip model; choose one of "
+                          f"open_clip.list_models() (e.g. ViT-B-32) or kclip's "
+                          f"{sorted(p.stem for p in MODEL_CONFIG_DIR.glob('*.json'))}")
     if pretrained and (pretrained.endswith((".safetensors", ".pt", ".pth", ".bin")) and not os.path.isfile(pretrained)):
-        raise FileNotFoundError(f"model.pretrained {pretrained!r} does not exist")
+        raise StudentWeightsError(f"config key 'model.pretrained' names {pretrained!r}, which does not exist; give "
+                                  "an existing weights file, an open_clip tag (e.g. openai) or '' for random init")
     if seed is not None:
         torch.manual_seed(seed)
+    # random init is what an empty model.pretrained asks for: open_clip's warning about it is expected
+    expected = drop_notice("", "No pretrained weights loaded for model") if not pretrained else nullcontext()
     try:
-        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained or None, device=device)
+        with expected:
+            model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained or None, device=device)
     except Exception as exc:
         if pretrained and not os.path.isfile(pretrained) and _is_download_error(exc):
             raise StudentWeightsError(
@@ -64,7 +74,7 @@ def build_clip(name: str, pretrained: str = "", seed: int | None = None, device=
     return model, preprocess_train, preprocess_val, tokenizer
 
 
-class StudentWeightsError(RuntimeError):
+class StudentWeightsError(UserError, RuntimeError):
     """The student's pretrained weights could not be found locally nor downloaded."""
 
 

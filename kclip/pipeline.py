@@ -57,6 +57,7 @@ from kclip.atomic import atomic_write_text
 from kclip.config import Config, to_dict, to_yaml
 from kclip.data import PairIndex, build_index
 from kclip.distributed import DistInfo, barrier, broadcast_object, setup
+from kclip.errors import UserError
 from kclip.stamps import file_digest, input_changes, make_stamp, read_stamp, short, upstream_changes, write_stamp
 from kclip.targets import TeacherTargets, shuffle_permutation
 
@@ -84,13 +85,13 @@ RUNS_LOG = "runs.jsonl"
 STAMPS = {"concepts": "concepts/stamp.json", "train": "train_stamp.json", "eval": "eval/stamp.json"}
 
 
-class StaleOutputError(RuntimeError):
+class StaleOutputError(UserError, RuntimeError):
     """A stage's existing output was made from other inputs and is too expensive to rebuild unasked (or, for a
     stage this command does not run, cannot be rebuilt by it); the message names every changed key
     (old -> new) and what to run."""
 
 
-class MissingInputError(FileNotFoundError):
+class MissingInputError(UserError, FileNotFoundError):
     """A stage this command runs needs the output of a stage it does not run, and that output is missing or
     unfinished; the message names the stage to run first."""
 
@@ -136,11 +137,14 @@ def prepare_data(cfg: Config, run_dir: Path, dist: DistInfo,
             index(train_spec, "train")
             if val_spec:
                 index(val_spec, "val")
-        except Exception as exc:  # re-raised on every rank so none waits at the barrier forever
+        except Exception as exc:  # raised on every rank so none waits at the barrier forever
             error = exc
-    error = broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
-    if error is not None:
-        raise RuntimeError(f"data preparation failed on rank 0: {error}")
+    told = broadcast_object(None if error is None else (isinstance(error, UserError), f"{error}"))
+    if told is not None:
+        if error is not None:
+            raise error
+        user_error, message = told
+        raise (UserError if user_error else RuntimeError)(f"data preparation failed on rank 0: {message}")
     barrier()
     train_index = index(train_spec, "train")
     val_index = index(val_spec, "val") if val_spec else None
@@ -716,6 +720,8 @@ def run(cfg: Config, stages: tuple = STAGES, resume: bool = True, progress: bool
     run_dir = Path(cfg.run_dir)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+    _log(dist, f"device: {dist.device} x {dist.world_size} rank(s)"
+               + ("" if torch.cuda.is_available() else " (no CUDA GPU visible to torch: running on CPU)"))
     barrier()
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)

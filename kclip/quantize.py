@@ -13,47 +13,56 @@ on CPU). Two ways lead there, and both end in the same bitsandbytes modules:
 
 ``load_quantized`` returns which path ran (``"transformers"`` or ``"kclip"``) so a teacher can record it.
 
-bitsandbytes logs "MatMul8bitLt: inputs will be cast from float32 to float16" for every int8 layer on every
-call with fp32 inputs (by design on CPU): ``quiet_bnb_cast_notice`` drops that one notice for the duration of
-a ``with`` block and nothing else.
+bitsandbytes is imported through ``import_bitsandbytes`` (no Hub download at import); its expected notices
+are dropped where they are expected (``kclip.notices``).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
+
+from kclip.notices import drop_notice
 
 log = logging.getLogger(__name__)
 
 QUANTIZED = ("int8", "nf4")
 INT8_THRESHOLD = 6.0  # LLM.int8() outlier threshold, transformers' default (llm_int8_threshold)
-_BNB_MATMUL_LOGGER = "bitsandbytes.autograd._functions"
 
 
-class _DropCastNotice(logging.Filter):
-    """Drop bitsandbytes' per-layer, per-call "inputs will be cast from ... to float16" notice."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "inputs will be cast from" not in str(record.msg)
-
-
-@contextlib.contextmanager
-def quiet_bnb_cast_notice() -> Iterator[None]:
+def quiet_bnb_cast_notice():
     """Within the block, drop bitsandbytes' "inputs will be cast" notice (other records pass; undone on exit).
 
     On CPU the int8 teacher feeds fp32 activations into ``Linear8bitLt``, which casts them to fp16 by design;
     the notice would otherwise be logged for every layer of every batch.
     """
-    logger = logging.getLogger(_BNB_MATMUL_LOGGER)
-    dropper = _DropCastNotice()
-    logger.addFilter(dropper)
+    return drop_notice("bitsandbytes.autograd._functions", "inputs will be cast from")
+
+
+def import_bitsandbytes():
+    """``bitsandbytes``, imported without reaching for the network.
+
+    On CPUs with AVX512-BF16, importing bitsandbytes asks Hugging Face's ``kernels`` for an optional 4-bit CPU
+    kernel from the Hub (a download of code). kclip never downloads code implicitly: the import sees the Hub
+    as offline (a kernel already in the local cache is still used) and its "Failed to load" notice is dropped;
+    bitsandbytes' own CPU kernels serve otherwise. A later import returns the loaded module.
+    """
+    import sys
+
+    if "bitsandbytes" in sys.modules:
+        return sys.modules["bitsandbytes"]
+    from huggingface_hub import constants
+
+    was = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True  # read by `kernels` when it resolves the Hub repo
     try:
-        yield
+        with drop_notice("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"):
+            import bitsandbytes
     finally:
-        logger.removeFilter(dropper)
+        constants.HF_HUB_OFFLINE = was
+    return bitsandbytes
 
 
 def compute_dtype(precision: str, device: torch.device | str) -> torch.dtype:
@@ -98,6 +107,7 @@ def load_quantized(load: Callable[..., nn.Module], precision: str, device: torch
     """
     device = torch.device(device)
     dtype = compute_dtype(precision, device)
+    import_bitsandbytes()  # before transformers' loader imports it
     if device.type == "cuda" and allow_transformers:
         try:
             model = load(quantization_config=bnb_config(precision, dtype), dtype=dtype,
@@ -135,7 +145,7 @@ def quantize_linears(model: nn.Module, precision: str, device: torch.device | st
     (a warning names them). Real teachers (Llama 2: 4096 / 11008, MiniLM: 384 / 1536, SmolLM2: 576 / 1536 /
     192) satisfy it.
     """
-    import bitsandbytes as bnb
+    bnb = import_bitsandbytes()
     from bitsandbytes.functional import int8_vectorwise_quant
 
     device = torch.device(device)
@@ -179,7 +189,7 @@ def quantize_linears(model: nn.Module, precision: str, device: torch.device | st
 def count_quantized(model: nn.Module) -> dict:
     """How many Linear layers are bitsandbytes int8 / 4-bit / plain (for checks and ``Teacher.describe()``)."""
     try:
-        import bitsandbytes as bnb
+        bnb = import_bitsandbytes()
         int8_cls, nf4_cls = bnb.nn.Linear8bitLt, bnb.nn.Linear4bit
     except ImportError:  # pragma: no cover - bitsandbytes is a dependency
         int8_cls = nf4_cls = ()
@@ -194,5 +204,5 @@ def count_quantized(model: nn.Module) -> dict:
     return counts
 
 
-__all__ = ["INT8_THRESHOLD", "QUANTIZED", "bnb_config", "compute_dtype", "count_quantized", "load_quantized",
-           "quantize_linears", "quiet_bnb_cast_notice"]
+__all__ = ["INT8_THRESHOLD", "QUANTIZED", "bnb_config", "compute_dtype", "count_quantized", "import_bitsandbytes",
+           "load_quantized", "quantize_linears", "quiet_bnb_cast_notice"]

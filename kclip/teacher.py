@@ -65,6 +65,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kclip.errors import UserError
 from kclip.quantize import count_quantized, load_quantized, quiet_bnb_cast_notice
 
 log = logging.getLogger(__name__)
@@ -90,11 +91,11 @@ HUB_BIN_PATTERNS = ("pytorch_model*.bin",)  # only when a repo has no safetensor
 HUB_IGNORE_PATTERNS = ("*/*", "consolidated*")
 
 
-class TeacherNotFoundError(FileNotFoundError):
+class TeacherNotFoundError(UserError, FileNotFoundError):
     """The teacher name matches no local path, installed package, cached snapshot or downloadable Hub repo."""
 
 
-class TeacherAccessError(PermissionError):
+class TeacherAccessError(UserError, PermissionError):
     """The Hub repo exists but this machine may not download it (gated licence not accepted, no/bad HF_TOKEN)."""
 
 

@@ -1,8 +1,11 @@
 """Shared test setup: the Triton interpreter on CPU, the `cuda` marker, and the one tolerance table."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout: train.py, bench/, the configs/ link
 
 # Kernels must run as Triton code on CPU tensors in CI: the interpreter has to be chosen before
 # triton is first imported, so set it here, at collection time, when no GPU is present.

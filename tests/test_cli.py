@@ -5,7 +5,7 @@ import pytest
 
 import kclip.pipeline
 from kclip import cli
-from kclip.config import REPO_ROOT
+from conftest import REPO_ROOT
 
 
 @pytest.fixture
@@ -23,8 +23,6 @@ def _train_py():
 
 
 def test_train_py_takes_deepspeed_flags_and_overrides(captured, monkeypatch):
-    import sys
-    monkeypatch.setattr(sys, "path", list(sys.path))  # train.py drops the repo root from sys.path
     monkeypatch.setenv("LOCAL_RANK", "0")  # records the original state, restored after the test
     monkeypatch.delenv("LOCAL_RANK")
     assert _train_py().main(["--local_rank=1", "--config", str(REPO_ROOT / "configs/tiny.yaml"),
@@ -90,3 +88,26 @@ def test_bench_lists_the_benchmarks(capsys):
     err = capsys.readouterr().err
     for name in ("clip_contrastive_loss", "projected_mse_loss", "kmeans", "teacher", "train_step"):
         assert name in err
+
+
+def test_bench_runs_a_benchmark_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the checkout: bench/ is found beside kclip/, --results-dir stays relative here
+    assert cli.main(["bench", "env", "--quick", "--results-dir", "out", "--device", "cpu"]) == 0
+    assert (tmp_path / "out" / "env.jsonl").is_file()
+
+
+@pytest.mark.parametrize("content, needle", [
+    (None, "does not exist (config key data.train / data.val)"),
+    ("", "the file is empty"),
+    ("image,caption\nmissing.jpg,a red square\n", "missing.jpg"),
+])
+def test_data_mistakes_are_one_line_without_a_traceback(tmp_path, capsys, content, needle):
+    """A missing, empty or all-bad pairs file is the user's to fix: `kclip: <what and how>`, exit 2, no traceback."""
+    pairs = tmp_path / "pairs.csv"
+    if content is not None:
+        pairs.write_text(content)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", "--no-progress", "data.source=csv", f"data.train={pairs}", "data.val=",
+                  f"run_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("kclip: ") and needle in err[0], err

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from kclip.config import (Config, ConfigError, REPO_ROOT, deepspeed_config, find_config_file, find_deepspeed_file,
+from conftest import REPO_ROOT
+from kclip.config import (Config, ConfigError, deepspeed_config, find_config_file, find_deepspeed_file,
                           load_config, preset_names, to_dict)
 
 

@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from kclip.config import REPO_ROOT
+from conftest import REPO_ROOT
 from kclip.eval.ablation import VARIANTS, aggregate, main, run_ablation
 
 TINY = REPO_ROOT / "configs" / "tiny.yaml"

@@ -123,8 +123,8 @@ def test_short_frame_names_the_package_path():
     assert harness._short_frame("/x/lib/python3.12/site-packages/triton/runtime/jit.py", 600, "run") == \
         "triton/runtime/jit.py:600(run)"
     repo = Path(harness.__file__).resolve().parent.parent
-    assert harness._short_frame(str(repo / "kernels" / "projected_mse_loss.py"), 12, "f") == \
-        "kernels/projected_mse_loss.py:12(f)"
+    assert harness._short_frame(str(repo / "kclip" / "kernels" / "projected_mse_loss.py"), 12, "f") == \
+        "kclip/kernels/projected_mse_loss.py:12(f)"
     assert harness._short_frame("/elsewhere/a/b/c.py", 3, "g") == "a/b/c.py:3(g)"
     assert harness._short_frame("/x/site-packages/deepspeed/runtime/utils.py", 233) == "deepspeed/runtime/utils.py:233"
     assert harness._short_frame("~", 0, "<method 'mm' of 'torch._C.TensorBase' objects>") == \

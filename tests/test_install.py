@@ -17,9 +17,9 @@ import textwrap
 
 import pytest
 
-from kclip.config import REPO_ROOT
+from conftest import REPO_ROOT
 
-PACKAGED = ("setup.py", "kclip", "kernels", "configs")
+PACKAGED = ("setup.py", "kclip")  # the top-level kernels/ and configs/ are links into kclip/
 
 
 def _run(cmd, cwd, env, timeout=300):
@@ -91,3 +91,27 @@ def test_console_script_and_presets_from_the_installed_package(installed):
         print("ok")
     """)
     assert _run([env_dir / "bin" / "python", "-c", check], cwd=work, env=env).strip().endswith("ok")
+
+
+def test_the_repo_root_never_shadows_hugging_face_kernels():
+    """From the checkout's root (on sys.path for `python -m` and `python -c`), `kernels` is never this project's
+    folder: kernels/ holds links for readers but no __init__.py, so Hugging Face's package (a dependency of
+    transformers >= 5.25, imported by every model) wins, and without it no probe takes the folder for it."""
+    top = REPO_ROOT / "kernels"
+    assert top.is_dir() and not (top / "__init__.py").exists()
+    for link in top.glob("*.py"):  # each a link to the op's one file in kclip/kernels
+        assert link.resolve().parent == REPO_ROOT / "kclip" / "kernels", link
+    probe = textwrap.dedent("""
+        import importlib.util, json, kclip.kernels
+        spec = importlib.util.find_spec("kernels")
+        origin = getattr(spec, "origin", None) if spec else None
+        if origin:  # Hugging Face's package is installed: it must be the one imported, and transformers works
+            import kernels, transformers.activations
+            assert kernels.__file__ == origin, kernels.__file__
+        print(json.dumps({"kernels": origin, "kclip.kernels": kclip.kernels.__file__}))
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
+    got = _run([sys.executable, "-c", probe], cwd=REPO_ROOT, env=env).strip().splitlines()[-1]
+    assert str(REPO_ROOT / "kernels") not in got and "kclip/kernels/__init__.py" in got, got
+    out = _run([sys.executable, "-m", "kclip.cli", "config", "--config", "tiny"], cwd=REPO_ROOT, env=env)
+    assert "run_dir: runs/tiny" in out

@@ -5,8 +5,6 @@ first checks that the Triton path actually launched, so a silent fallback to the
 """
 import importlib
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -171,10 +169,7 @@ def test_errors_are_clear():
 
 
 def test_bench_quick_runs(tmp_path):
-    repo_root = str(Path(__file__).resolve().parents[1])  # `bench` is a repo-root package, not installed
-    if repo_root not in sys.path:
-        sys.path.insert(0, repo_root)
-    bench = importlib.import_module("bench.bench_projected_mse_loss")
+    from bench import bench_projected_mse_loss as bench
     bench.main(["--quick", "--results-dir", str(tmp_path)])
     records = [json.loads(line) for line in (tmp_path / "projected_mse_loss.jsonl").read_text().splitlines()]
     assert {r["impl"] for r in records} == {"kernel", "eager", "floor"}

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kclip.errors import MissingFileError
+
 
 @dataclass
 class SyntheticSplit:
@@ -35,7 +37,7 @@ class SyntheticSplit:
 def read_meta(data_dir: str | Path) -> dict:
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: data_dir must be a synthetic set written by "
+        raise MissingFileError(f"{path} is missing: data_dir must be a synthetic set written by "
                                 "kclip.synthetic.generate (images/, train.csv, val.csv, meta.json)")
     return json.loads(path.read_text())
 
@@ -46,7 +48,7 @@ def read_split(data_dir: str | Path, split: str = "val") -> SyntheticSplit:
     meta = read_meta(data_dir)
     path = data_dir / f"{split}.csv"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing (expected the synthetic set's {split}.csv)")
+        raise MissingFileError(f"{path} is missing (expected the synthetic set's {split}.csv)")
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     if not rows:

@@ -63,6 +63,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from kclip.errors import MissingFileError
+
 from .encoders import encode_images, encode_texts
 
 PROTOCOLS = ("paper", "ensemble")
@@ -273,7 +275,7 @@ def _find_root(root: str | Path, folder: str, marker: str) -> Path:
     for cand in (root, root / folder):
         if (cand / marker).is_file():
             return cand
-    raise FileNotFoundError(f"{root} is not a {folder} folder: neither {root / marker} nor "
+    raise MissingFileError(f"{root} is not a {folder} folder: neither {root / marker} nor "
                             f"{root / folder / marker} exists. Point the root at the extracted release.")
 
 
@@ -349,7 +351,7 @@ def _cub_attribute_names(base: Path) -> dict[int, str]:
     for cand in (base / "attributes.txt", base / "attributes" / "attributes.txt", base.parent / "attributes.txt"):
         if cand.is_file():
             return _read_id_table(cand)
-    raise FileNotFoundError(f"CUB attributes.txt not found in {base}, {base / 'attributes'} or {base.parent} "
+    raise MissingFileError(f"CUB attributes.txt not found in {base}, {base / 'attributes'} or {base.parent} "
                             "(the release tarball puts it next to CUB_200_2011/)")
 
 
@@ -366,7 +368,7 @@ def _cub_class_attribute_freq(base: Path, image_class: dict[int, int], n_classes
         return freq
     path = base / "attributes" / "image_attribute_labels.txt"
     if not path.is_file():
-        raise FileNotFoundError(f"need {cont} or {path} to rank each class's attributes")
+        raise MissingFileError(f"need {cont} or {path} to rank each class's attributes")
     present = torch.zeros(n_classes, n_attrs, dtype=torch.float64)
     seen = torch.zeros(n_classes, n_attrs, dtype=torch.float64)
     with open(path, encoding="utf-8") as f:
@@ -478,7 +480,7 @@ def load_awa2(root: str | Path, classes: str = "all", max_attributes: int | None
     elif classes == "test":
         path = base / "testclasses.txt"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing; use classes='all'")
+            raise MissingFileError(f"{path} is missing; use classes='all'")
         wanted = [l.strip() for l in path.read_text().splitlines() if l.strip()]
         lookup = {raw_classes[c]: i for i, c in enumerate(class_ids)}
         unknown = [w for w in wanted if w not in lookup]
@@ -508,6 +510,6 @@ def load_awa2(root: str | Path, classes: str = "all", max_attributes: int | None
         paths.extend(files)
         labels.extend([(new_id,)] * len(files))
     if empty:
-        raise FileNotFoundError(f"no images (.jpg/.jpeg/.png) in {empty}: the AWA2 extraction is incomplete "
+        raise MissingFileError(f"no images (.jpg/.jpeg/.png) in {empty}: the AWA2 extraction is incomplete "
                                 "(every chosen class needs JPEGImages/<class>/)")
     return ZeroShotSet("awa2", names, prompts, paths, labels, template=AWA2_PROMPT)
