@@ -6,8 +6,11 @@ Each is dropped for the duration of a ``with`` block, by logger and text, so eve
   initialisation is what the config asked for (the embedded default trains from scratch).
 - bitsandbytes' "inputs will be cast from float32 to float16", logged for every int8 layer on every call with
   fp32 inputs (by design on CPU).
-- bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" at import: an optional Hub kernel
-  that kclip does not fetch (see ``kclip.quantize.import_bitsandbytes``).
+- bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" and Hugging Face ``kernels``'
+  "Skipping publisher trust check" at import: an optional Hub kernel that kclip does not fetch (see
+  ``kclip.quantize.import_bitsandbytes``).
+- torch's "No CUDA runtime is found" and DeepSpeed's "Setting accelerator to CPU" on a machine with no GPU
+  (``kclip.distributed``); the pipeline says the device once instead.
 """
 from __future__ import annotations
 

@@ -46,8 +46,9 @@ def import_bitsandbytes():
 
     On CPUs with AVX512-BF16, importing bitsandbytes asks Hugging Face's ``kernels`` for an optional 4-bit CPU
     kernel from the Hub (a download of code). kclip never downloads code implicitly: the import sees the Hub
-    as offline (a kernel already in the local cache is still used) and its "Failed to load" notice is dropped;
-    bitsandbytes' own CPU kernels serve otherwise. A later import returns the loaded module.
+    as offline (a kernel already in the local cache is still used) and the notices that follow ("Failed to
+    load", "Skipping publisher trust check ... offline") are dropped; bitsandbytes' own CPU kernels serve
+    otherwise. A later import returns the loaded module.
     """
     import sys
 
@@ -58,7 +59,8 @@ def import_bitsandbytes():
     was = constants.HF_HUB_OFFLINE
     constants.HF_HUB_OFFLINE = True  # read by `kernels` when it resolves the Hub repo
     try:
-        with drop_notice("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"):
+        with drop_notice("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"), \
+                drop_notice("kernels._internals.hf_hub", "Skipping publisher trust check"):
             import bitsandbytes
     finally:
         constants.HF_HUB_OFFLINE = was
