@@ -16,6 +16,12 @@ median/p20/p80 ms, peak memory (GPU), OOM flag; the kernel record carries the ra
     python -m bench.bench_projected_mse_loss                 # GPU: B 256..65536, d 512/768, d' 4096, bf16
     python -m bench.bench_projected_mse_loss --quick --results-dir /tmp/r   # CPU smoke run (seconds)
     python -m bench.bench_projected_mse_loss --batch-sizes 4096 --dims 512 --profile   # + where the time goes
+    python -m bench.bench_projected_mse_loss --host-us --device cpu --dtype fp32 --batch-sizes 64 --dims 32
+
+``--host-us`` (on with ``--quick``) measures the host side alone, on any machine: microseconds of Python and
+torch dispatch per forward+backward call with the Triton launch stubbed out (``kernel``) against eager's
+``F.linear`` + ``F.mse_loss`` + autograd on the same tiny CPU tensors (``eager``), records with
+impls ``kernel-host`` and ``eager-host``. A real launch adds Triton's own launcher cost to the kernel's figure.
 """
 from __future__ import annotations
 
@@ -44,10 +50,13 @@ def _parse(argv):
     p.add_argument("--impls", nargs="+", choices=["kernel", "eager", "compile", "floor"], default=None)
     p.add_argument("--profile", action="store_true",
                    help="also profile each impl (device vs host time per call, top kernels) into its record")
+    p.add_argument("--host-us", action="store_true",
+                   help="also measure host microseconds per call with the Triton launch stubbed (CPU tensors)")
     args = p.parse_args(argv)
     if args.quick:
         defaults = dict(batch_sizes=[64, 96], dims=[32], d_out=48, dtype="fp32", device="cpu",
                         impls=["kernel", "eager", "floor"])
+        args.host_us = True
     else:
         defaults = dict(batch_sizes=[256 * 2**i for i in range(9)], dims=[512, 768], d_out=4096, dtype="bf16",
                         device="cuda", impls=["kernel", "eager", "compile", "floor"])
@@ -85,6 +94,54 @@ def _step_fns(impls, x, w, b, t):
         elif impl == "floor":
             fns[impl] = floor
     return fns
+
+
+def host_us_stubbed(B: int, d: int, d_out: int, rep: int = 300) -> dict[str, float]:
+    """Median host microseconds per forward+backward call on CPU tensors: ``kernel`` runs the product's Triton
+    path with the launch replaced by a no-op (so only its own Python and torch calls count), ``eager`` runs
+    the reference with autograd. Both compute the same tiny backward GEMMs on the CPU."""
+    import importlib
+    import statistics
+    import time
+    from unittest import mock
+
+    from kclip.kernels import projected_mse_loss, projected_mse_loss_reference
+
+    mod = importlib.import_module("kclip.kernels.projected_mse_loss")  # the module (the package binds the function)
+    kernel, _, _ = mod._forward_kernel()
+
+    class _NoLaunch:  # the autotuned kernel and its jit function, minus the launch
+        best_config = kernel.configs[0]
+        fn = property(lambda self: self)
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(B, d, generator=gen, requires_grad=True)  # (B, d)
+    w = torch.randn(d_out, d, generator=gen, requires_grad=True)  # (d', d)
+    b = torch.zeros(d_out, requires_grad=True)  # (d',)
+    t = torch.randn(B, d_out, generator=gen)  # (B, d')
+
+    def per_call_us(fn):
+        for _ in range(20):
+            fn()
+        times = []
+        for _ in range(rep):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e6)
+        return statistics.median(times)
+
+    def step(loss_fn):
+        return lambda: torch.autograd.grad(loss_fn(x, w, t, b), (x, w, b))
+
+    stub = _NoLaunch()
+    with mock.patch.object(mod, "_forward_kernel", lambda: (stub, stub.best_config.kwargs["BLOCK_M"],
+                                                            stub.best_config.kwargs["BLOCK_N"])), \
+            mock.patch.object(mod, "use_triton", lambda *tensors: True), mock.patch.dict(mod._CHOSEN, clear=True):
+        kernel_us = per_call_us(step(projected_mse_loss))
+    return {"kernel": kernel_us, "eager": per_call_us(step(projected_mse_loss_reference))}
 
 
 def _measure(impl, fn, device, profile=False):
@@ -190,6 +247,18 @@ def main(argv=None):
                 fmt = lambda v: "  n/a" if v is None else f"{v:5.2f}"  # noqa: E731
                 print(f"    ratios: eager/kernel {fmt(kr['eager_over_kernel'])}  compile/kernel "
                       f"{fmt(kr['compile_over_kernel'])}  kernel/floor {fmt(kr['kernel_over_floor'])}", flush=True)
+
+    if args.host_us:
+        for d in args.dims:
+            for B in args.batch_sizes:
+                us = host_us_stubbed(B, d, args.d_out)
+                for impl, value in us.items():
+                    rec = {**provenance(torch.device("cpu")), "op": NAME, "impl": f"{impl}-host", "B": B, "d": d,
+                           "d_out": args.d_out, "dtype": "fp32", "bias": True, "quick": args.quick,
+                           "measure": "host_us_stubbed", "host_us": value}
+                    log.add(rec)
+                print(f"d={d:4d} B={B:6d} host us per call, Triton launch stubbed: kernel {us['kernel']:7.1f}  "
+                      f"eager {us['eager']:7.1f}", flush=True)
 
     path = log.path
     metrics = ["ms_median"] + (["peak_mem_bytes"] if any(r.get("peak_mem_bytes") for r in records) else [])
