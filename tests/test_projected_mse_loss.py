@@ -271,3 +271,48 @@ def test_host_path_costs_no_more_than_eager_with_the_launch_stubbed():
     us = host_us_stubbed(64, 32, 48, rep=100)
     assert us["kernel"] > 0 and us["eager"] > 0
     assert us["kernel"] < 3 * us["eager"], us  # a regression bound, loose for a shared 2-core machine
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_compiles_without_a_graph_break(grad):
+    """torch.compile(fullgraph=True) traces a function around the loss (the fused forward is one custom op):
+    same loss and gradients as eager, bit for bit (aot_eager runs the same kernels)."""
+    x, w, b, t = _make(37, 40, 70, seed=5)
+    x, w, b = (a.requires_grad_(grad) for a in (x, w, b))
+
+    def f(x, w, t, b):
+        return projected_mse_loss(x, w, t, b) * 0.5
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got, want = compiled(x, w, t, b), f(x, w, t, b)
+    assert torch.equal(got, want)
+    if grad:
+        for a, c in zip(torch.autograd.grad(got, (x, w, b)), torch.autograd.grad(want, (x, w, b))):
+            assert torch.equal(a, c)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_captures_and_replays_forward_and_backward():
+    """After warm-up (autotuning outside the capture), a fwd+bwd call is captured in a CUDA graph and its replay
+    gives the eager results bit for bit: no host sync, no allocation outside the graph's pool."""
+    x, w, b, t = _make(4096, 512, 4096, dtype=torch.bfloat16, device="cuda", seed=7)
+    x, w, b = (a.requires_grad_(True) for a in (x, w, b))
+
+    def step():
+        loss = projected_mse_loss(x, w, t, b)
+        return (loss, *torch.autograd.grad(loss, (x, w, b)))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            want = step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, c in zip(got, want):
+        assert torch.equal(a, c)
