@@ -134,13 +134,12 @@ class LossConfig:
     # triton (the kernels' default strategy, chunked) | chunked | fused | reference (plain PyTorch, N x N logits)
     contrastive_impl: str = "triton"
     distill_impl: str = "triton"       # triton | reference
-    # The teacher target as L_emb, k-means and C see it: l2 | standardize | none. Measured on the embedded
-    # default (bench/results/target_norm_tiny.md): at the default budget l2 is at least as good as the others;
-    # it is also scale-free, which matters for teachers with outlier dimensions (Llama 2).
+    # The teacher target as L_emb, k-means and C see it: l2 | standardize | none. l2 is scale-free, which matters
+    # for teachers with outlier dimensions (Llama 2); which one distils best depends on the teacher (README).
     target_norm: str = "l2"
     # How L_conc projects image embeddings into the teacher space for C: shared (W_e, trained by both terms: the
     # paper's C(W_e(E_I(x)))) | stopgrad (W_e with its gradient stopped: W_e fitted by L_emb alone) | separate
-    # (an image projector of its own). Measured (README "Does it distill?"): shared fits the teacher best.
+    # (an image projector of its own). See README "Does it distill?".
     concept_path: str = "shared"
     # A control: permute the training captions' teacher rows (a fixed permutation seeded by ``seed``) before
     # k-means, C and L_emb see them: same loss sizes, no caption-specific knowledge. Validation rows (held-out

@@ -64,7 +64,7 @@ CUB_IMAGES = {1: (1, 0, (200, 0, 0), [1, 0, 0, 0]),     # "X"
               5: (3, 0, (0, 200, 200), [3, 0, 0, 4]),   # "Y"
               6: (3, 1, (200, 0, 200), [0, 0, 0, 1])}   # a training image: not in split="test"
 
-P = "a photo of a {}, a type of bird, which has {}."
+P = "a photo of a {} that has {}."  # the paper's §4.3 template
 CUB_PROMPTS = [[P.format("Black footed Albatross", "bill shape dagger"),
                 P.format("Black footed Albatross", "wing color red")],
                [P.format("Laysan Albatross", "bill shape curved (up or down)")],
@@ -121,12 +121,17 @@ def test_cub_names_and_paper_prompts(cub_root):
     assert ds.class_names == ["Black footed Albatross", "Laysan Albatross", "Sooty Albatross"]
     # one prompt per description with the class's most probable expression (CUB_CONTINUOUS comments)
     assert ds.class_prompts == [
-        ["a photo of a Black footed Albatross, a type of bird, which has bill shape dagger.",
-         "a photo of a Black footed Albatross, a type of bird, which has wing color red."],
-        ["a photo of a Laysan Albatross, a type of bird, which has bill shape curved (up or down)."],
-        ["a photo of a Sooty Albatross, a type of bird, which has bill shape dagger.",
-         "a photo of a Sooty Albatross, a type of bird, which has wing color blue."]]
+        ["a photo of a Black footed Albatross that has bill shape dagger.",
+         "a photo of a Black footed Albatross that has wing color red."],
+        ["a photo of a Laysan Albatross that has bill shape curved (up or down)."],
+        ["a photo of a Sooty Albatross that has bill shape dagger.",
+         "a photo of a Sooty Albatross that has wing color blue."]]
     assert ds.class_prompts == CUB_PROMPTS
+    # kclip's earlier phrasing stays as a named alternative
+    assert load_cub(cub_root, template="type-of-bird").class_prompts[1] == [
+        "a photo of a Laysan Albatross, a type of bird, which has bill shape curved (up or down)."]
+    with pytest.raises(ValueError, match="'paper' is the paper"):
+        load_cub(cub_root, template="nope")
     assert [p.name for p in ds.images] == ["Black_footed_Albatross_0001.jpg", "Black_footed_Albatross_0002.jpg",
                                            "Black_footed_Albatross_0003.jpg", "Laysan_Albatross_0004.jpg",
                                            "Sooty_Albatross_0005.jpg"]
@@ -169,7 +174,7 @@ def test_cub_paper_vs_ensemble_hand_computed(cub_root):
     assert res["n_images"] == 5 and res["n_classes"] == 3
     assert (res["n_prompts"], res["n_prompts_per_class_min"], res["n_prompts_per_class_max"]) == (5, 1, 2)
     assert res["n_prompts_per_class_mean"] == pytest.approx(5 / 3)
-    assert res["prompt_template"] == "a photo of a {cls}, a type of bird, which has {part} {expr}."
+    assert res["prompt_template"] == "a photo of a {cls} that {attr} {expr}."
     ens = zeroshot_accuracy(enc, ds, batch_size=2, ks=(1, 2), protocol="ensemble")
     assert ens["top1"] == pytest.approx(60.0) and ens["top2"] == 100.0 and ens["protocol"] == "ensemble"
     # precomputed image embeddings give the same answer
@@ -186,10 +191,10 @@ def test_cub_probabilities_from_image_labels(tmp_path):
                5: set(), 6: {5}}                # class 3: bill all 0 -> skipped; wing blue 1/2
     root = write_cub(tmp_path / "cub", continuous=False, present=present)
     assert load_cub(root).class_prompts == [
-        ["a photo of a Black footed Albatross, a type of bird, which has bill shape hooked seabird.",
-         "a photo of a Black footed Albatross, a type of bird, which has wing color red."],
-        ["a photo of a Laysan Albatross, a type of bird, which has bill shape curved (up or down)."],
-        ["a photo of a Sooty Albatross, a type of bird, which has wing color blue."]]
+        ["a photo of a Black footed Albatross that has bill shape hooked seabird.",
+         "a photo of a Black footed Albatross that has wing color red."],
+        ["a photo of a Laysan Albatross that has bill shape curved (up or down)."],
+        ["a photo of a Sooty Albatross that has wing color blue."]]
     # a class whose every probability is 0 has nothing to describe it: a clear error
     bare = write_cub(tmp_path / "bare", continuous=False, present={**present, 6: set()})
     with pytest.raises(ValueError, match=r"class 3 \(003.Sooty_Albatross\) has probability 0 for every attribute"):
@@ -213,9 +218,9 @@ def test_cub_bad_input(cub_root, tmp_path):
 AWA2_IMAGES = {("red+fox", 0): ((200, 0, 0), [1, 0, 0]), ("red+fox", 1): ((0, 200, 0), [2, 1, 0]),
                ("green+frog", 0): ((0, 0, 200), [0, 1, 0]), ("green+frog", 1): ((200, 200, 0), [0, 2, 3]),
                ("blue+whale", 0): ((0, 200, 200), [0, 0, 1]), ("blue+whale", 1): ((200, 0, 200), [1, 0, 2])}
-AWA2_TEXT = {"a photo of a red fox, which is orange, furry.": [1, 0, 0],
-             "a photo of a green frog, which is green, swims.": [0, 1, 0],
-             "a photo of a blue whale, which is blue, swims.": [0, 0, 1]}
+AWA2_TEXT = {"a photo of a red fox, with attribute orange, furry": [1, 0, 0],
+             "a photo of a green frog, with attribute green, swims": [0, 1, 0],
+             "a photo of a blue whale, with attribute blue, swims": [0, 0, 1]}
 
 
 @pytest.fixture(scope="module")
@@ -235,9 +240,9 @@ def test_awa2_prompts_and_hand_computed_accuracy(awa2_root):
     ds = load_awa2(awa2_root)
     assert ds.class_names == ["red fox", "green frog", "blue whale"]
     # one prompt per class: its positive predicates in predicates.txt order
-    assert ds.class_prompts == [["a photo of a red fox, which is orange, furry."],
-                                ["a photo of a green frog, which is green, swims."],
-                                ["a photo of a blue whale, which is blue, swims."]]
+    assert ds.class_prompts == [["a photo of a red fox, with attribute orange, furry"],
+                                ["a photo of a green frog, with attribute green, swims"],
+                                ["a photo of a blue whale, with attribute blue, swims"]]
     assert len(ds.images) == 6 and ds.labels == [(0,), (0,), (1,), (1,), (2,), (2,)]
     enc = TableEncoder({rgb: vec for rgb, vec in AWA2_IMAGES.values()}, AWA2_TEXT)
     scores = class_scores(enc, ds)
@@ -249,7 +254,8 @@ def test_awa2_prompts_and_hand_computed_accuracy(awa2_root):
     assert res["protocol"] == "paper" and res["n_prompts"] == 3 and res["n_prompts_per_class_max"] == 1
     test_only = load_awa2(awa2_root, classes="test", max_per_class=1)
     assert test_only.class_names == ["green frog", "blue whale"] and test_only.labels == [(0,), (1,)]
-    assert load_awa2(awa2_root, max_attributes=1).class_prompts[0] == ["a photo of a red fox, which is orange."]
+    assert load_awa2(awa2_root, max_attributes=1).class_prompts[0] == ["a photo of a red fox, with attribute orange"]
+    assert load_awa2(awa2_root, template="which-is").class_prompts[0] == ["a photo of a red fox, which is orange, furry."]
 
 
 def test_awa2_bad_input(awa2_root, tmp_path):

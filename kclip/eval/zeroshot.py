@@ -24,14 +24,16 @@ Prompts:
   ``attributes/image_attribute_labels.txt`` (the same quantity, recomputed). Ties go to the lower
   attribute id. A description where the class's probability is 0 for every expression gets no prompt
   (no annotator ever saw it on that class, so any expression would be made up); a class with no
-  prompt at all is an error. Template (:data:`CUB_PROMPT`):
-  ``"a photo of a <class>, a type of bird, which has <part> <expression>."`` where ``<part>`` is the
-  description without its ``has_`` prefix, underscores read as spaces (``bill shape``), and the class
-  name ``001.Black_footed_Albatross`` reads ``Black footed Albatross``. About 28 prompts per class;
+  prompt at all is an error. Template (:data:`CUB_TEMPLATES`, the paper's §4.3 by default):
+  ``"a photo of a <class> that <attribute> <expression>."`` where ``<attribute>`` is the description with
+  underscores read as spaces (``has bill shape``), and the class name ``001.Black_footed_Albatross`` reads
+  ``Black footed Albatross``; ``template="type-of-bird"`` keeps kclip's earlier
+  ``"a photo of a <class>, a type of bird, which has <part> <expression>."``. About 28 prompts per class;
   descriptions in attribute-id order. Images: the official test split by default
   (``train_test_split.txt`` = 0), ``split="all"`` for all.
-- **AWA2**: one prompt per class (so both protocols agree), :data:`AWA2_PROMPT`
-  ``"a photo of a <class>, which is <a1>, <a2>, ...."`` listing the class's positive predicates
+- **AWA2**: one prompt per class (so both protocols agree), :data:`AWA2_TEMPLATES` (the paper's by default)
+  ``"a photo of a <class>, with attribute <a1>, <a2>, ..."`` (``template="which-is"``: kclip's earlier
+  ``"a photo of a <class>, which is <a1>, <a2>, ...."``) listing the class's positive predicates
   (``predicate-matrix-binary.txt``) in ``predicates.txt`` order, ``+`` in names read as a space
   (``grizzly+bear`` -> ``grizzly bear``). ``max_attributes`` caps the list (CLIP's tokenizer truncates
   at 77 tokens anyway, which keeps roughly the first 25-35 predicates). All 50 classes by default;
@@ -68,8 +70,14 @@ from kclip.errors import MissingFileError
 from .encoders import encode_images, encode_texts
 
 PROTOCOLS = ("paper", "ensemble")
-CUB_PROMPT = "a photo of a {cls}, a type of bird, which has {part} {expr}."
-AWA2_PROMPT = "a photo of a {cls}, which is {attrs}."
+# The prompt templates by name. "paper" (the default) is the paper's §4.3 word for word; the others are the
+# phrasings kclip used before, kept to compare with. CUB: {attr} is the description with its "has", {part} the
+# same without it.
+CUB_TEMPLATES = {"paper": "a photo of a {cls} that {attr} {expr}.",
+                 "type-of-bird": "a photo of a {cls}, a type of bird, which has {part} {expr}."}
+AWA2_TEMPLATES = {"paper": "a photo of a {cls}, with attribute {attrs}",
+                  "which-is": "a photo of a {cls}, which is {attrs}."}
+CUB_PROMPT, AWA2_PROMPT = CUB_TEMPLATES["paper"], AWA2_TEMPLATES["paper"]
 SYNTHETIC_PROMPT = "a {size} {colour} {shape}"
 
 
@@ -307,11 +315,18 @@ def cub_attribute_phrase(raw: str) -> tuple[str, str]:
     return attr.replace("_", " ").strip(), expr.replace("_", " ").strip()
 
 
-def cub_prompt(class_name: str, attribute: str) -> str:
-    """:data:`CUB_PROMPT` for one class and one attribute name ('has_bill_shape::dagger')."""
+def _template(templates: dict, name: str) -> str:
+    if name not in templates:
+        raise ValueError(f"prompt template {name!r} is not one of {sorted(templates)} ('paper' is the paper's §4.3)")
+    return templates[name]
+
+
+def cub_prompt(class_name: str, attribute: str, template: str = "paper") -> str:
+    """The CUB prompt (:data:`CUB_TEMPLATES` by name) for one class and one attribute name ('has_bill_shape::dagger'):
+    ``paper`` gives 'a photo of a <class> that has bill shape dagger.'."""
     attr, expr = cub_attribute_phrase(attribute)
     part = attr[len("has "):] if attr.startswith("has ") else attr
-    return CUB_PROMPT.format(cls=class_name, part=part, expr=expr)
+    return _template(CUB_TEMPLATES, template).format(cls=class_name, attr=attr, part=part, expr=expr)
 
 
 def cub_paper_attributes(freq: torch.Tensor, attribute_names: Sequence[str]) -> list[list[int]]:
@@ -387,12 +402,14 @@ def _cub_class_attribute_freq(base: Path, image_class: dict[int, int], n_classes
     return present / seen.clamp_min(1)
 
 
-def load_cub(root: str | Path, split: str = "test", max_per_class: int | None = None, seed: int = 0) -> ZeroShotSet:
+def load_cub(root: str | Path, split: str = "test", max_per_class: int | None = None, seed: int = 0,
+             template: str = "paper") -> ZeroShotSet:
     """CUB-200-2011 from its released layout (``CUB_200_2011/`` or its parent as ``root``), paper prompts.
 
     Args:
         split: "test" (official test images), "train" or "all".
         max_per_class: at most this many images per class (seeded sample).
+        template: a :data:`CUB_TEMPLATES` name ("paper", the default, or "type-of-bird").
 
     Returns:
         a :class:`ZeroShotSet` with per class one prompt per attribute description (see the module
@@ -417,7 +434,7 @@ def load_cub(root: str | Path, split: str = "test", max_per_class: int | None = 
         if not cols:
             raise ValueError(f"CUB class {class_ids[ci]} ({classes[class_ids[ci]]}) has probability 0 for every "
                              "attribute: no prompt can describe it; check its row of the attribute table")
-        prompts.append([cub_prompt(names[ci], attr_names[attr_ids[a]]) for a in cols])
+        prompts.append([cub_prompt(names[ci], attr_names[attr_ids[a]], template) for a in cols])
     per_class: dict[int, list[int]] = {}
     for img in sorted(images):
         if img not in image_class:
@@ -434,7 +451,7 @@ def load_cub(root: str | Path, split: str = "test", max_per_class: int | None = 
         for img in ids:
             paths.append(base / "images" / images[img])
             labels.append((ci,))
-    return ZeroShotSet("cub", names, prompts, paths, labels, template=CUB_PROMPT)
+    return ZeroShotSet("cub", names, prompts, paths, labels, template=CUB_TEMPLATES[template])
 
 
 # ----------------------------------------------------------------------------- AWA2
@@ -444,24 +461,25 @@ def awa2_name(raw: str) -> str:
     return raw.replace("+", " ").strip()
 
 
-def awa2_prompt(class_name: str, attributes: Sequence[str]) -> str:
-    """:data:`AWA2_PROMPT`: the class name with its attributes as a comma list."""
+def awa2_prompt(class_name: str, attributes: Sequence[str], template: str = "paper") -> str:
+    """The AWA2 prompt (:data:`AWA2_TEMPLATES` by name): the class name with its attributes as a comma list."""
     if not attributes:
         raise ValueError(f"AWA2 class {class_name!r} has no attribute to list")
-    return AWA2_PROMPT.format(cls=class_name, attrs=", ".join(attributes))
+    return _template(AWA2_TEMPLATES, template).format(cls=class_name, attrs=", ".join(attributes))
 
 
 _IMAGE_EXT = (".jpg", ".jpeg", ".png")
 
 
 def load_awa2(root: str | Path, classes: str = "all", max_attributes: int | None = None,
-              max_per_class: int | None = None, seed: int = 0) -> ZeroShotSet:
+              max_per_class: int | None = None, seed: int = 0, template: str = "paper") -> ZeroShotSet:
     """AWA2 from its released layout (``Animals_with_Attributes2/`` or its parent as ``root``).
 
     Args:
         classes: "all" (50 classes) or "test" (the ``testclasses.txt`` classes only).
         max_attributes: cap on the positive predicates listed per prompt (default: all of them).
         max_per_class: at most this many images per class (seeded sample).
+        template: a :data:`AWA2_TEMPLATES` name ("paper", the default, or "which-is").
     """
     base = _find_root(root, "Animals_with_Attributes2", "classes.txt")
     raw_classes = _read_id_table(base / "classes.txt")
@@ -500,7 +518,7 @@ def load_awa2(root: str | Path, classes: str = "all", max_attributes: int | None
         if max_attributes is not None:
             attrs = attrs[:max_attributes]
         names.append(name)
-        prompts.append([awa2_prompt(name, attrs)])
+        prompts.append([awa2_prompt(name, attrs, template)])
         folder = base / "JPEGImages" / raw
         files = sorted(p for p in folder.glob("*") if p.suffix.lower() in _IMAGE_EXT) if folder.is_dir() else []
         if not files:
@@ -512,4 +530,4 @@ def load_awa2(root: str | Path, classes: str = "all", max_attributes: int | None
     if empty:
         raise MissingFileError(f"no images (.jpg/.jpeg/.png) in {empty}: the AWA2 extraction is incomplete "
                                 "(every chosen class needs JPEGImages/<class>/)")
-    return ZeroShotSet("awa2", names, prompts, paths, labels, template=AWA2_PROMPT)
+    return ZeroShotSet("awa2", names, prompts, paths, labels, template=AWA2_TEMPLATES[template])
