@@ -9,7 +9,7 @@ setup(
     # Every package lives where its import name says (kclip/kernels is kclip.kernels). The top-level kernels/
     # and configs/ are links into kclip/ for readers; kernels/ has no __init__.py, so it can never shadow
     # Hugging Face's `kernels` package, which transformers >= 5.25 imports (see ARCHITECTURE.md).
-    packages=["kclip", "kclip.eval", "kclip.kernels", "kclip.configs"],
+    packages=["kclip", "kclip.eval", "kclip.experiments", "kclip.kernels", "kclip.configs"],
     package_data={"kclip": ["model_configs/*.json"], "kclip.configs": ["*.yaml", "ds/*.json"]},
     include_package_data=True,
     # Lower bounds: versions a CI run passed with (KCLIP_DEPS=lowest in .ci/run); constraints.txt pins the tested

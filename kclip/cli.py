@@ -1,5 +1,5 @@
 """Command line: ``kclip run|teach|concepts|train|eval|config|bench|compare`` (and ``deepspeed train.py``, which is
-``run``). ``kclip compare --out DIR ...`` is ``python -m kclip.eval.comparison`` (the paper's comparison).
+``run``). ``kclip compare --out DIR ...`` is ``python -m kclip.experiments.comparison`` (the paper's comparison).
 
 Every command takes ``--config FILE|PRESET`` (``tiny``, ``paper``, or a YAML path) and ``key.sub=value``
 overrides; without ``--config`` the embedded default (configs/tiny.yaml, the defaults of
@@ -92,8 +92,8 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
         return bench_main(argv[1:])
-    if argv[:1] == ["compare"]:  # the paper's comparison (kclip.eval.comparison), its own arguments
-        from kclip.eval.comparison import main as compare_main
+    if argv[:1] == ["compare"]:  # the paper's comparison (kclip.experiments.comparison), its own arguments
+        from kclip.experiments.comparison import main as compare_main
         return compare_main(argv[1:])
     args = build_parser().parse_intermixed_args(argv)
     if args.command == "config":

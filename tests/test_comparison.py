@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from kclip.config import load_config
-from kclip.eval.comparison import (ARMS, TEACHERS, RunSpec, _cache_label, _run_revisions, execute, paired_bootstrap,
-                                   paired_differences, plan_runs, ratio_metric, run_comparison, run_metrics)
+from kclip.experiments.comparison import RunSpec, execute, plan_runs, run_comparison, run_metrics
+from kclip.experiments.comparison_report import _run_revisions
+from kclip.experiments.design import ARMS, TEACHERS, _cache_label
+from kclip.experiments.stats import paired_bootstrap, paired_differences, ratio_metric
 from kclip.oracle import ORACLE_DIM, OracleTeacher, canonical_scene, load_oracle, parse_caption, scene_slots
 from kclip.synthetic import Scene, generate, heldout_combos
 from kclip.targets import TeacherTargets, shuffle_permutation
@@ -259,7 +261,7 @@ def test_comparison_smoke(tmp_path):
     assert all(not r["hits_problems"] for r in res["runs"])  # per-image hits reproduce every report
     assert {r["arm"] for r in res["runs"]} == set(ARMS) and not any(r["reused"] for r in res["runs"])
     md = (out / "comparison.md").read_text()
-    assert md.splitlines()[5].startswith("python -m kclip.eval.comparison --out")
+    assert md.splitlines()[5].startswith("python -m kclip.experiments.comparison --out")
     assert "git revision" in md and "## Teacher: minilm" in md and "(b) kclip" in md
     assert "d-a (oracle − contrastive)" in md
     # the phase-1 start: its own image seed, the comparison's held-out combos; every run starts from it

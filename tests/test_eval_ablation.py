@@ -7,7 +7,7 @@ import types
 import pytest
 
 from conftest import REPO_ROOT
-from kclip.eval.ablation import VARIANTS, aggregate, main, run_ablation
+from kclip.experiments.ablation import VARIANTS, aggregate, main, run_ablation
 
 TINY = REPO_ROOT / "configs" / "tiny.yaml"
 
@@ -55,7 +55,7 @@ def test_runs_configs_and_aggregates(tmp_path):
     md = (tmp_path / "abl" / "ablation.md").read_text()
     lines = md.splitlines()
     assert lines[:5] == ["# Knowledge-CLIP loss ablation", "", "Produced by:", "", "```"]
-    assert lines[5].startswith("python -m kclip.eval.ablation --config") and "--max-steps 7" in lines[5]
+    assert lines[5].startswith("python -m kclip.experiments.ablation --config") and "--max-steps 7" in lines[5]
     assert "| metric | contrastive | contrastive+emb | contrastive+conc | all |" in md
     assert "| text reconstruction EM (in-distribution) | 1.0 ± 1.0 | 11.0 ± 1.0 | 11.0 ± 1.0 | 21.0 ± 1.0 |" in md
 
@@ -90,5 +90,5 @@ def test_cli_uses_kclip_pipeline_run(tmp_path, monkeypatch, capsys):
     assert main(argv) == 0
     assert len(fake.calls) == 4 and all(c.train.epochs == 2 for c in fake.calls)
     md = (tmp_path / "cli" / "ablation.md").read_text()
-    assert "python -m kclip.eval.ablation --config" in md and "--variants contrastive,all --epochs 2" in md
+    assert "python -m kclip.experiments.ablation --config" in md and "--variants contrastive,all --epochs 2" in md
     assert "| metric | contrastive | all |" in capsys.readouterr().out

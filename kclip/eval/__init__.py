@@ -8,15 +8,17 @@ Modules (each one public function + docstring; deterministic given the seed):
 - ``compositional``: hard negatives (attribute swap / replace, relation replace) + a text-only baseline;
 - ``concept_stats`` (module and function of that name): NMI of k-means labels vs the true attributes;
 - ``text_em``: exact-match caption reconstruction from a frozen text embedding (Kamath et al.);
-- ``run`` / ``report``: ``run_eval`` writes report.json / report.md / report.png; ``format_table``;
-- ``ablation``: loss ablation over seeds (``python -m kclip.eval.ablation``).
+- ``run`` / ``report``: ``run_eval`` writes report.json / report.md / report.png; ``format_table``.
+
+The drivers that run the pipeline many times (the paper's comparison, the loss ablation) live above the
+pipeline, in :mod:`kclip.experiments`.
 
 Importing ``kclip.eval`` is cheap: the names below load their module on first use.
 """
 from importlib import import_module
 
 _LAZY = {
-    "run_eval": "run", "format_table": "report", "write_report": "report", "run_ablation": "ablation",
+    "run_eval": "run", "format_table": "report", "write_report": "report",
     "retrieval_recall": "retrieval", "caption_retrieval": "retrieval", "zeroshot_accuracy": "zeroshot",
     "compositional_accuracy": "compositional", "text_em_probe": "text_em",
 }

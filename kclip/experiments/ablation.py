@@ -23,13 +23,12 @@ a single seed.
 
 CLI::
 
-    python -m kclip.eval.ablation --config configs/tiny.yaml --out results/ablation --seeds 0 1 2 \
+    python -m kclip.experiments.ablation --config configs/tiny.yaml --out results/ablation --seeds 0 1 2 \
         [--variants all,contrastive] [--max-steps 200] [--epochs 2] [--set key=value ...]
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import shlex
@@ -38,7 +37,8 @@ import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from .report import MAIN_ROWS, _clean, atomic_write_text, flatten_metrics
+from kclip.atomic import atomic_write_text
+from kclip.eval.report import MAIN_ROWS, _clean, flatten_metrics
 
 VARIANTS: dict[str, list[str]] = {
     "contrastive": ["loss.alpha=0", "loss.beta=0", "loss.gamma=1"],
@@ -50,11 +50,9 @@ RESULT_FILE = "ablation_result.json"
 
 
 def _default_run() -> Callable:
-    try:
-        return importlib.import_module("kclip.pipeline").run
-    except (ImportError, AttributeError) as exc:
-        raise RuntimeError(f"run_ablation needs kclip.pipeline.run(cfg) -> report dict ({exc}); "
-                           "pass run_fn= to use another runner") from exc
+    from kclip.pipeline import run  # on first use: importing the experiments stays cheap
+
+    return run
 
 
 def _eval_report(result) -> dict | None:
@@ -164,7 +162,7 @@ def run_ablation(base_config_path: str | Path, out_dir: str | Path, seeds: Seque
     budget = ([f"train.max_steps={max_steps}"] if max_steps is not None else []) + \
         ([f"train.epochs={epochs}"] if epochs is not None else [])
     if command is None:
-        command = " ".join(["python -m kclip.eval.ablation", "--config", shlex.quote(str(base_config_path)),
+        command = " ".join(["python -m kclip.experiments.ablation", "--config", shlex.quote(str(base_config_path)),
                             "--out", shlex.quote(str(out_dir)), "--seeds", *map(str, seeds),
                             "--variants", shlex.quote(",".join(chosen))]
                            + ([f"--max-steps {max_steps}"] if max_steps is not None else [])
@@ -194,7 +192,7 @@ def run_ablation(base_config_path: str | Path, out_dir: str | Path, seeds: Seque
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kclip.eval.ablation", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m kclip.experiments.ablation", description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="base YAML preset, e.g. configs/tiny.yaml")
     p.add_argument("--out", required=True, help="results folder (ablation.json, ablation.md, runs/)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -206,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-resume", action="store_true", help="rerun runs that already have a result")
     args = p.parse_args(argv)
     argv_list = list(sys.argv[1:] if argv is None else argv)
-    command = "python -m kclip.eval.ablation " + shlex.join(argv_list)
+    command = "python -m kclip.experiments.ablation " + shlex.join(argv_list)
     result = run_ablation(args.config, args.out, seeds=args.seeds,
                           variants=[v.strip() for v in args.variants.split(",") if v.strip()],
                           max_steps=args.max_steps, epochs=args.epochs, extra_overrides=args.extra,
