@@ -57,6 +57,35 @@ def _quiet_without_cuda():
         yield
 
 
+STALE_BUILD_LOCK_S = 15 * 60  # DeepSpeed's CPU comm op builds in a minute or two; a lock this old is orphaned
+
+
+def _clear_stale_build_locks() -> None:
+    """Remove the torch-extension build lock of DeepSpeed's CPU comm op when an interrupted run left it behind.
+
+    On a machine with no GPU, DeepSpeed compiles ``deepspeed_shm_comm`` on first use under a lock file that
+    torch's extension loader waits on, forever, until it disappears. A run stopped mid-build (Ctrl-C on the
+    first ``deepspeed train.py``) leaves it, and every later run, or one with another DeepSpeed version, hangs
+    without a word. A lock older than :data:`STALE_BUILD_LOCK_S` belongs to no build still running.
+    """
+    import time
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    roots = [Path(os.environ["TORCH_EXTENSIONS_DIR"])] if os.environ.get("TORCH_EXTENSIONS_DIR") else \
+        list(Path(get_default_build_root()).glob("*"))
+    for lock in (root / "deepspeed_shm_comm" / "lock" for root in roots):
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except OSError:
+            continue
+        if age > STALE_BUILD_LOCK_S:
+            print(f"[kclip] removing {lock}: a build lock {age / 60:.0f} minutes old, left by an interrupted run "
+                  "(DeepSpeed would wait for it forever)", flush=True)
+            lock.unlink(missing_ok=True)
+
+
 def setup() -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (idempotent) and return this process's place.
 
@@ -66,6 +95,8 @@ def setup() -> DistInfo:
     """
     import torch.distributed as dist
 
+    if not torch.cuda.is_available():
+        _clear_stale_build_locks()
     with _quiet_without_cuda():
         import deepspeed
         from deepspeed.accelerator import get_accelerator

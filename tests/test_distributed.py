@@ -40,3 +40,23 @@ def test_setup_group_is_destroyed_and_freed_at_exit():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "setup-ok" in proc.stdout, proc.stdout + proc.stderr
     assert "initialized-at-exit False freed-at-exit True" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_a_stale_deepspeed_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch, capsys):
+    """A build lock left by an interrupted first run would make every later run wait forever; a lock as young as a
+    running build is left alone."""
+    import os
+    import time
+
+    from kclip import distributed
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    distributed._clear_stale_build_locks()
+    assert lock.exists()  # young: a build may hold it
+    old = time.time() - distributed.STALE_BUILD_LOCK_S - 60
+    os.utime(lock, (old, old))
+    distributed._clear_stale_build_locks()
+    assert not lock.exists() and "left by an interrupted run" in capsys.readouterr().out
