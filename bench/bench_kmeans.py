@@ -30,14 +30,6 @@ import torch
 
 from bench import harness
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _planted(n: int, d: int, k: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> torch.Tensor:
     """Mixture of k Gaussians, generated in row blocks so 2M x 4096 never exists in fp32."""
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -62,7 +54,7 @@ def _timed(fn, device: torch.device):
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     out = fn()
-    _sync(device)
+    harness.sync(device)
     sec = time.perf_counter() - t0
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) - base
@@ -163,7 +155,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--d", type=int, default=None)
     p.add_argument("--k", type=int, default=None)
     p.add_argument("--iters", type=int, default=None, help="Lloyd iterations per fit (tol=0)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="data dtype (default bf16 on GPU)")
+    p.add_argument("--dtype", choices=sorted(harness.DTYPES), default=None, help="data dtype (default bf16 on GPU)")
     p.add_argument("--device", default=None)
     p.add_argument("--sklearn-max-n", type=int, default=None, help="scikit-learn subsample cap")
     p.add_argument("--sklearn-iters", type=int, default=None, help="scikit-learn iteration cap")
@@ -176,14 +168,14 @@ def main(argv=None) -> list[dict]:
     if a.quick:
         device = torch.device(a.device or "cpu")
         sizes, d, k = a.n or [500, 1000], a.d or 16, a.k or 8
-        iters, dtype = a.iters or 3, DTYPES[a.dtype or "fp32"]
+        iters, dtype = a.iters or 3, harness.DTYPES[a.dtype or "fp32"]
         sk_max_n, sk_iters = a.sklearn_max_n or 10**9, a.sklearn_iters or iters
         impls = a.impls or ["kclip-triton", "sklearn"]
     else:
         device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         sizes, d, k = a.n or [100_000, 500_000, 2_000_000], a.d or 4096, a.k or 1000
         iters = a.iters or 10
-        dtype = DTYPES[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+        dtype = harness.DTYPES[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
         sk_max_n, sk_iters = a.sklearn_max_n or 100_000, a.sklearn_iters or 3
         impls = a.impls or ["kclip-triton", "cuml", "flash-kmeans", "fast-pytorch-kmeans", "sklearn"]
 

@@ -31,11 +31,10 @@ from pathlib import Path
 
 import torch
 
-from bench.harness import (RESULTS_DIR, ResultsLog, format_profile, is_oom, peak_memory_bytes, plot_vs, profile_fn,
-                           provenance, time_fn)
+from bench.harness import (DTYPES, RESULTS_DIR, ResultsLog, format_profile, is_oom, peak_memory_bytes, plot_vs,
+                           profile_fn, provenance, time_fn)
 
 NAME = "projected_mse_loss"
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _parse(argv):
@@ -45,7 +44,7 @@ def _parse(argv):
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default 256..65536 doubling")
     p.add_argument("--dims", type=int, nargs="+", default=None, help="student dims d (default 512 768)")
     p.add_argument("--d-out", type=int, default=None, help="teacher dim d' (default 4096)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default bf16 (fp32 with --quick)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 (fp32 with --quick)")
     p.add_argument("--device", default=None, help="default cuda (cpu with --quick)")
     p.add_argument("--impls", nargs="+", choices=["kernel", "eager", "compile", "floor"], default=None)
     p.add_argument("--profile", action="store_true",
@@ -190,7 +189,7 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_projected_mse_loss: no CUDA device; run with --quick (CPU) or on a GPU machine.")
-    dtype = _DTYPES[args.dtype]
+    dtype = DTYPES[args.dtype]
     prov = provenance(device)
     log = ResultsLog(NAME, args.results_dir)
     records = []

@@ -119,11 +119,6 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny Llama on CPU, fp32 + int8, a few dozen captions")

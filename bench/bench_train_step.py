@@ -56,7 +56,6 @@ import argparse
 import contextlib
 import copy
 import gc
-import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -67,7 +66,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.harness import RESULTS_DIR, ResultsLog, format_profile, is_oom, profile_fn, provenance
+from bench.harness import RESULTS_DIR, ResultsLog, format_profile, is_oom, profile_fn, provenance, time_steps
 
 NAME = "train_step"
 IMPLS = ("kclip-fused", "kclip-reference", "openclip-style", "online-teacher", "kclip-zero1", "kclip-zero3",
@@ -318,37 +317,6 @@ def kernel_path(device: torch.device) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # Measuring
 # ----------------------------------------------------------------------------------------------------------
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_steps(step, device: torch.device, warmup: int, steps: int) -> dict:
-    """Per-step times (ms): median, p20, p80, plus the wall-clock rate over all timed steps."""
-    for i in range(warmup):
-        step(i)
-    _sync(device)
-    t0 = time.perf_counter()
-    if device.type == "cuda":
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
-        events[0].record()
-        for i in range(steps):
-            step(warmup + i)
-            events[i + 1].record()
-        torch.cuda.synchronize(device)
-        samples = [events[i].elapsed_time(events[i + 1]) for i in range(steps)]
-    else:
-        samples = []
-        for i in range(steps):
-            s = time.perf_counter()
-            step(warmup + i)
-            samples.append((time.perf_counter() - s) * 1e3)
-    wall_ms = (time.perf_counter() - t0) * 1e3
-    ordered = sorted(samples)
-    q = statistics.quantiles(ordered, n=10, method="inclusive") if len(ordered) > 1 else [ordered[0]] * 9
-    return {"ms_median": statistics.median(ordered), "ms_p20": q[1], "ms_p80": q[7], "ms_wall_mean": wall_ms / steps}
-
 
 def count_forward_flops(model: nn.Module, inputs: Inputs, precision: str, device: torch.device) -> int:
     """FLOPs of one forward of the student + the reference loss on one batch (FlopCounterMode)."""

@@ -10,7 +10,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -20,9 +19,13 @@ from typing import Callable
 import torch
 
 from kclip.atomic import atomic_path, atomic_write_text
+from kclip.stamps import GIT_REV_ENV  # noqa: F401  (bench.gpu_suite sets it for its steps)
+from kclip.stamps import git_revision as _checkout_revision
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 _REPO = Path(__file__).resolve().parent.parent
+# The one name -> dtype map of the benches' --dtype options.
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def device_name(device: torch.device | str) -> str:
@@ -32,7 +35,11 @@ def device_name(device: torch.device | str) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-GIT_REV_ENV = "KCLIP_GIT_REV"
+def sync(device: torch.device | str) -> None:
+    """Wait until the device has run everything queued on it (nothing to wait for on CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def git_revision() -> str:
@@ -41,20 +48,7 @@ def git_revision() -> str:
     Where ``.git`` does not travel (a copied tree on a benchmark machine) the revision comes from the
     ``KCLIP_GIT_REV`` environment variable, which ``bench.gpu_suite`` sets for its steps.
     """
-    if os.environ.get(GIT_REV_ENV):  # set by whoever copied the tree (the checkout's .git may be stale there)
-        return os.environ[GIT_REV_ENV]
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=here, timeout=10)
-        rev = out.stdout.strip()
-        if rev:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                   text=True, cwd=here, timeout=10).stdout.strip()
-            return rev + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return os.environ.get(GIT_REV_ENV) or "unknown"
+    return _checkout_revision(Path(__file__).resolve().parent)
 
 
 def provenance(device: torch.device | str) -> dict:
@@ -87,19 +81,43 @@ def time_fn(fn: Callable[[], object], device: torch.device | str, warmup: int = 
         import triton.testing
         med, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
         return {"ms_median": med, "ms_p20": p20, "ms_p80": p80}
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(rep):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    samples.sort()
-    q = statistics.quantiles(samples, n=10, method="inclusive") if len(samples) > 1 else [samples[0]] * 9
-    return {"ms_median": statistics.median(samples), "ms_p20": q[1], "ms_p80": q[7]}
+    t = time_steps(lambda i: fn(), device, warmup, rep, sync_each=True)
+    return {k: t[k] for k in ("ms_median", "ms_p20", "ms_p80")}
+
+
+def time_steps(step: Callable[[int], object], device: torch.device | str, warmup: int, steps: int,
+               sync_each: bool = False) -> dict:
+    """Per-step times (ms) of ``step(i)``: median, p20, p80, plus the wall-clock mean over all timed steps.
+
+    ``warmup`` untimed steps, then ``steps`` timed ones. On a GPU the steps run back to back, timed by CUDA
+    events (as a training loop runs them), unless ``sync_each``: then the device is drained around each step
+    and the host clock times it.
+    """
+    device = torch.device(device)
+    for i in range(warmup):
+        step(i)
+    sync(device)
+    t0 = time.perf_counter()
+    if device.type == "cuda" and not sync_each:
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+        events[0].record()
+        for i in range(steps):
+            step(warmup + i)
+            events[i + 1].record()
+        torch.cuda.synchronize(device)
+        samples = [events[i].elapsed_time(events[i + 1]) for i in range(steps)]
+    else:
+        samples = []
+        for i in range(steps):
+            sync(device)
+            s = time.perf_counter()
+            step(warmup + i)
+            sync(device)
+            samples.append((time.perf_counter() - s) * 1e3)
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    ordered = sorted(samples)
+    q = statistics.quantiles(ordered, n=10, method="inclusive") if len(ordered) > 1 else [ordered[0]] * 9
+    return {"ms_median": statistics.median(ordered), "ms_p20": q[1], "ms_p80": q[7], "ms_wall_mean": wall_ms / steps}
 
 
 def profile_fn(fn: Callable[[], object], device: torch.device | str, rep: int = 5, top: int = 8) -> dict:

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
@@ -94,3 +96,33 @@ def upstream_changes(stamp: Mapping, upstream: Mapping[str, Any]) -> list[str]:
     old = stamp.get("upstream", {})
     return [f"the {name} output changed since (sha256 {short(old.get(name))} -> {short(digest)})"
             for name, digest in sorted(upstream.items()) if old.get(name) != digest]
+
+
+# Where ``.git`` does not travel (a tree copied to a benchmark machine), whoever copied it sets the revision here.
+GIT_REV_ENV = "KCLIP_GIT_REV"
+
+
+def git_revision(folder: str | Path | None = None, mark_dirty: bool = True, from_env: bool = True) -> str:
+    """The short git revision of the checkout holding ``folder`` (default: kclip's own); "unknown" outside one.
+
+    Args:
+        folder: where to ask git.
+        mark_dirty: append ``+dirty`` when tracked files have uncommitted changes.
+        from_env: ``KCLIP_GIT_REV``, when set, wins over git (a copied tree's ``.git`` may be absent or stale).
+    """
+    if from_env and os.environ.get(GIT_REV_ENV):
+        return os.environ[GIT_REV_ENV]
+    cwd = Path(folder) if folder is not None else Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=cwd,
+                             timeout=10)
+        rev = out.stdout.strip() if out.returncode == 0 else ""
+        if rev and mark_dirty:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                   text=True, cwd=cwd, timeout=10).stdout.strip()
+            rev += "+dirty" if dirty else ""
+        if rev:
+            return rev
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown"

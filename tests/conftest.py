@@ -55,8 +55,9 @@ def planted(n=997, k=6, d=13, seed=0, spread=10.0, dtype=None):
 
 
 def spy_launches(monkeypatch, module: str, launcher: str) -> list:
-    """Record the first argument's shape at every call of ``module.launcher`` (a Triton launcher), so a test
-    can prove the kernel path ran, not the reference. Returns the (growing) list of shapes."""
+    """Record the first argument's shape at every call of ``module.launcher`` (a Triton launcher) that launched a
+    kernel, as the module's ``LAUNCH_COUNTS`` counts them, so a test can prove the kernel path ran, not the
+    reference. Returns the (growing) list of shapes."""
     import sys
 
     import kclip.kernels  # noqa: F401  binds the public functions before the op modules are read
@@ -64,8 +65,11 @@ def spy_launches(monkeypatch, module: str, launcher: str) -> list:
     calls, real = [], getattr(mod, launcher)
 
     def spy(x, *args):
-        calls.append(tuple(x.shape))
-        return real(x, *args)
+        before = sum(mod.LAUNCH_COUNTS.values())
+        out = real(x, *args)
+        if sum(mod.LAUNCH_COUNTS.values()) > before:  # the one launch counter decides; the call gives the shape
+            calls.append(tuple(x.shape))
+        return out
 
     monkeypatch.setattr(mod, launcher, spy)
     return calls

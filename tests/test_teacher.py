@@ -1,5 +1,6 @@
 """kclip.teacher: pooling, length-bucketed batching, int8 (bitsandbytes on CPU), the default MiniLM, frozen;
-name resolution (paths, GGUF, model-carrying packages, the Hub), identity without weights, SmolLM2 (GGUF).
+name resolution and identity without weights (kclip.teacher_weights: paths, GGUF, model-carrying packages, the
+Hub), SmolLM2 (GGUF).
 
 A tiny Llama (hidden 64, 2 layers, 4 heads) with a tiny WordLevel tokenizer is built and saved locally, then
 loaded through the real ``load_teacher(path)`` -> ``AutoModel.from_pretrained`` path. Hub downloads are tested
@@ -27,9 +28,9 @@ import torch.nn.functional as F
 from bench.bench_teacher import naive_batches, padding_efficiency
 from conftest import TOL
 from kclip.quantize import count_quantized, quiet_bnb_cast_notice
-from kclip.teacher import (DEFAULT_TEACHER, Teacher, TeacherAccessError, TeacherNotFoundError, default_teacher_path,
-                           load_teacher, local_fingerprint, locate_teacher, package_model, plan_batches, pool_hidden,
-                           resolve_teacher, teacher_identity)
+from kclip.teacher import Teacher, load_teacher, plan_batches, pool_hidden
+from kclip.teacher_weights import (DEFAULT_TEACHER, TeacherAccessError, TeacherNotFoundError, default_teacher_path,
+                                   local_fingerprint, locate_teacher, package_model, resolve_teacher, teacher_identity)
 
 CORPUS = [
     "a dog runs in the park",
@@ -407,7 +408,7 @@ def test_gguf_paths_and_fingerprints(tmp_path):
 
 
 def test_known_package_not_installed_says_how_to_install(monkeypatch):
-    import kclip.teacher as T
+    import kclip.teacher_weights as T  # where locate_teacher looks package_model up
 
     monkeypatch.setattr(T, "package_model", lambda name: None)
     with pytest.raises(TeacherNotFoundError, match=r"kclip\[smollm2\]"):

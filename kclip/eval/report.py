@@ -15,6 +15,8 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
+from kclip.atomic import atomic_write_text
+
 # (key path, label) of the rows of the main table, in order
 MAIN_ROWS: list[tuple[str, str]] = [
     ("text_em", "text reconstruction EM (in-distribution)"),
@@ -83,15 +85,6 @@ def _clean(obj):
     if isinstance(obj, Path):
         return str(obj)
     return obj
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """``kclip.atomic.atomic_write_text``, creating the folder first."""
-    from kclip import atomic
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic.atomic_write_text(path, text)
 
 
 def _fmt(v) -> str:
@@ -263,6 +256,7 @@ def plot_report(report: Mapping, out_png: str | Path, keys: list[str] | None = N
 def write_report(report: Mapping, out_dir: str | Path) -> dict[str, Path]:
     """Write report.json, report.md and report.png into ``out_dir``; returns their paths."""
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "report.json", "md": out_dir / "report.md", "png": out_dir / "report.png"}
     atomic_write_text(paths["json"], json.dumps(_clean(report), indent=2, allow_nan=False))
     atomic_write_text(paths["md"], render_markdown(report))

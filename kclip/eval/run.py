@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,6 +30,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
+
+from kclip.stamps import git_revision
 
 from . import compositional, concept_stats, retrieval, text_em, zeroshot
 from .encoders import encode_images, encode_texts, encoder_name
@@ -311,12 +312,8 @@ def _evaluations(data: EvalData, caption_retrieval: bool, concept_labels, cub_ro
 
 
 def _git_rev() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    # The commit alone, as reports have always recorded it (kclip.experiments.comparison reads it from here too).
+    return git_revision(mark_dirty=False, from_env=False)
 
 
 def run_eval(models: Mapping[str, object], data: EvalData | str | Path, out_dir: str | Path, teacher=None,
