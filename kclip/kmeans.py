@@ -18,15 +18,11 @@ init is the same on every device. The assignment kernel is deterministic (lower 
 sums each cluster's rows in row order (stable sort by label, no atomics) and adds chunk partials in chunk
 order, so a run is bitwise reproducible on the GPU as on CPU for the same data, device and ``chunk_size``.
 
-Cost per Lloyd iteration on the GPU, N = 500k, D = 4096, K = 1000, bf16 data held on the GPU (an estimate
-from FLOPs and bandwidth, not a measurement: ``python -m bench.bench_kmeans`` measures ``ms_per_iter``,
-``kclip-assign`` and ``kclip-update`` rows): the assignment is 2*N*K*D = 4.1 TFLOP, ~6-9 ms on an H200 at
-50-70% of its 989 TFLOP/s bf16 peak; the update reads x once (4.1 GB), ~1-1.5 ms at 4.8 TB/s; the sort
-(N int64), the segment bounds and the (K, D) centroid division are well under 1 ms. About 8-11 ms in all,
-inside the 20 ms target. The host waits for the device once per iteration (the convergence read): neither
-kernel waits by itself. A one-hot GEMM update would add another 4.1 TFLOP (~5-7 ms). fp32 data (what
-``TeacherTargets`` yields) runs the assignment in IEEE fp32 without tensor cores, about 10x slower: pass
-bf16/fp16 rows for speed.
+Cost per Lloyd iteration: the assignment is 2*N*K*D FLOPs (tensor cores with bf16/fp16 rows; fp32 rows, what
+``TeacherTargets`` yields, run IEEE fp32 without them: pass bf16/fp16 for speed), the update reads x once, and
+the sort, segment bounds and (K, D) centroid division are small beside them. The host waits for the device
+once per iteration (the convergence read); neither kernel waits by itself. Measured times: ``python -m
+bench.bench_kmeans`` (``ms_per_iter``, ``kclip-assign``, ``kclip-update`` rows in ``bench/results/``).
 """
 from __future__ import annotations
 
