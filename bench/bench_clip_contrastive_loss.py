@@ -2,9 +2,9 @@
 
 Side by side in one process on one device:
 
-* ``kclip``   - ``kclip.kernels.clip_contrastive_loss`` with its default strategy (chunked: cuBLAS GEMMs per
-  chunk of rows, Triton softmax kernels);
-* ``kclip_fused`` - the same function with ``strategy="fused"`` (tile kernels, S never stored);
+* ``kclip``   - ``kclip.kernels.clip_contrastive_loss`` as callers get it: the strategy its memory budget plans
+  (``plan_for``: resident where N x N fp32 fits the default budget, else chunked, else fused);
+* ``kclip_resident`` / ``kclip_chunked`` / ``kclip_fused`` - the same function with that strategy forced;
 * ``eager``   - open_clip's ``ClipLoss`` (materialises two N x N logit matrices);
 * ``compile`` - ``torch.compile`` of ``clip_contrastive_loss_reference``;
 * ``inf_cl``  - Inf-CL (``from inf_cl import cal_inf_loss``), symmetric as
@@ -12,10 +12,15 @@ Side by side in one process on one device:
   ``scale=`` all-reduces in backward and needs a process group); CUDA only, skipped when it does not import.
 
 Each record: provenance, N, D, dtype, impl, ms_median/p20/p80 of forward+backward, peak memory above the
-inputs (GPU), ``oom: true`` when that impl ran out of memory at that N. For ``kclip`` also the achieved
-TFLOP/s counted against the **4-matmul floor**, ``flops = 4 * N * N * D * 2`` (forward S once, backward
-S, dI, dT), and ``flops_executed``: the matmuls each strategy really runs (5 chunked, 6 fused; kernel docstring).
-Compare TFLOP/s with the device's dense bf16 peak (H100 SXM ~989) for the 50%-of-peak target.
+inputs (GPU), ``oom: true`` when that impl ran out of memory at that N. For ``kclip*`` also the strategy that ran,
+its planned ``workspace_bytes``, the achieved TFLOP/s counted against the **4-matmul floor**,
+``flops = 4 * N * N * D * 2``, and ``flops_executed``: the matmuls the strategy really runs.
+
+Cost model, beside every kclip and eager row (``model_*`` fields and the printed line): GEMM-equivalents (matmuls
+of N x N x D: eager 6, resident 3, chunked 5, fused 6-10) and HBM bytes per element of N x N besides the operand
+reads inside GEMMs (eager 14 x itemsize; the strategies' from ``hbm_bytes_per_elem``), turned into a predicted
+time at the matmul and copy ceilings of the newest ``env.jsonl`` record for this device (on a CPU: the newest GPU
+on record, named in ``model_device``). A measured ratio that disagrees with the model is a finding to explain.
 
     python -m bench.bench_clip_contrastive_loss                 # GPU: N 1k..131072, D 512/768, bf16
     python -m bench.bench_clip_contrastive_loss --quick --results-dir /tmp/r   # seconds on CPU
@@ -37,7 +42,8 @@ from bench import harness
 
 NAME = "clip_contrastive_loss"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-IMPLS = ("kclip", "kclip_fused", "eager", "compile", "inf_cl")
+IMPLS = ("kclip", "kclip_resident", "kclip_chunked", "kclip_fused", "eager", "compile", "inf_cl")
+FORCED = {"kclip_resident": "resident", "kclip_chunked": "chunked", "kclip_fused": "fused"}
 
 
 def _parse(argv):
@@ -198,9 +204,10 @@ def _make_impls(names, device, compile_ok):
     kmod = import_module("kclip.kernels.clip_contrastive_loss")
     impls = {}
     if "kclip" in names:
-        impls["kclip"] = kmod.clip_contrastive_loss  # the default strategy (chunked)
-    if "kclip_fused" in names:
-        impls["kclip_fused"] = functools.partial(kmod.clip_contrastive_loss, strategy="fused")
+        impls["kclip"] = kmod.clip_contrastive_loss  # the strategy the default memory budget plans
+    for name, strategy in FORCED.items():
+        if name in names:
+            impls[name] = functools.partial(kmod.clip_contrastive_loss, strategy=strategy)
     if "eager" in names:
         from open_clip.loss import ClipLoss
         impls["eager"] = ClipLoss()
@@ -212,6 +219,33 @@ def _make_impls(names, device, compile_ok):
         except Exception as exc:  # noqa: BLE001 - a missing/broken peer is reported, not fatal
             print(f"inf_cl unavailable: {type(exc).__name__}: {exc}")
     return impls, kmod
+
+
+def cost_model(strategy: str, n: int, d: int, dtype: torch.dtype, ceilings: dict | None) -> dict:
+    """GEMM-equivalents, HBM bytes per N x N element and the predicted fwd+bwd ms at ``ceilings`` (one device)
+    for a kclip strategy or ``"eager"`` (open_clip ClipLoss: 2 logit GEMMs + 4 in backward; logits written twice,
+    2 log_softmax forwards read + write, nll_loss's zero-filled gradients, 2 log_softmax backwards read 2 + write 1:
+    14 x itemsize)."""
+    kmod = import_module("kclip.kernels.clip_contrastive_loss")
+    if strategy == "eager":
+        gemm_eq, bpe = 6, 14.0 * dtype.itemsize
+    else:
+        gemm_eq, bpe = kmod.gemm_equivalents(strategy, d), kmod.hbm_bytes_per_elem(strategy, d, dtype)
+    rec = {"model_gemm_eq": gemm_eq, "model_bytes_per_elem": bpe, "model_device": None, "model_ms": None}
+    if ceilings:
+        matmul_ms = gemm_eq * 2 * n * n * d / (ceilings["matmul_tflops"] * 1e12) * 1e3
+        bytes_ms = bpe * n * n / (ceilings["copy_tb_per_s"] * 1e12) * 1e3
+        rec.update(model_device=ceilings["device"], model_ms=matmul_ms + bytes_ms, model_matmul_ms=matmul_ms,
+                   model_bytes_ms=bytes_ms)
+    return rec
+
+
+def _model_line(rec: dict) -> str:
+    where = rec["model_device"] or "no env.jsonl ceilings"
+    at = f" -> {rec['model_ms']:.4g} ms at {where} ceilings" if rec.get("model_ms") is not None else f" ({where})"
+    ratio = (f", measured/model {rec['ms_median'] / rec['model_ms']:.2f}x" if rec.get("model_ms") and
+             rec.get("ms_median") and rec.get("model_same_device") else "")
+    return f"model: {rec['model_gemm_eq']:g} GEMM-eq + {rec['model_bytes_per_elem']:.1f} B/elem{at}{ratio}"
 
 
 def _step(loss_fn, img, txt, s):
@@ -244,6 +278,8 @@ def main(argv=None):
     reps = dict(warmup=1, rep=5) if args.quick else {}
     prov = harness.provenance(device)
     log = harness.ResultsLog(NAME, args.results_dir)
+    dirs = ([Path(args.results_dir)] if args.results_dir else []) + [harness.RESULTS_DIR]
+    ceilings = harness.recorded_ceilings(prov["device"], dirs)
     records = []
     for d in ds:
         for n in ns:
@@ -281,17 +317,25 @@ def main(argv=None):
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                 if name.startswith("kclip"):
-                    rec["strategy"] = "fused" if name == "kclip_fused" else kmod.DEFAULT_STRATEGY
+                    rows = torch.empty((), dtype=dtype, device=device).expand(n, d)  # (N, D) stand-in, no memory
+                    plan = kmod.plan_for(rows, strategy=FORCED.get(name))
+                    rec.update(strategy=plan.strategy, workspace_bytes=plan.workspace_bytes,
+                               chunk_rows=plan.chunk_rows)
                     rec["flops"] = 4 * n * n * d * 2
-                    rec["flops_executed"] = (6 if rec["strategy"] == "fused" else 5) * n * n * d * 2
+                    rec["flops_executed"] = kmod.gemm_equivalents(plan.strategy, d) * n * n * d * 2
                     rec["flop_count"] = "floor: 4 matmuls of N*N*D (x2 flops each)"
                     if rec.get("ms_median"):
                         rec["tflops"] = rec["flops"] / (rec["ms_median"] * 1e-3) / 1e12
                         rec["tflops_executed"] = rec["flops_executed"] / (rec["ms_median"] * 1e-3) / 1e12
+                if name.startswith("kclip") or name == "eager":
+                    rec.update(cost_model(rec.get("strategy", "eager"), n, d, dtype, ceilings))
+                    rec["model_same_device"] = bool(ceilings and ceilings["same_device"])
                 records.append(log.add(rec))
                 status = "OOM" if rec["oom"] else rec.get("error") or (
                     f"{rec['ms_median']:.3f} ms  mem={rec.get('peak_mem_mib')}")
-                print(f"N={n:>7} D={d:>4} {name:>8}: {status}", flush=True)
+                strategy = f" [{rec['strategy']}]" if rec.get("strategy") else ""
+                model = f"  | {_model_line(rec)}" if "model_gemm_eq" in rec else ""
+                print(f"N={n:>7} D={d:>4} {name:>14}{strategy}: {status}{model}", flush=True)
                 if rec.get("profile"):
                     print(harness.format_profile(rec["profile"]), flush=True)
 

@@ -80,11 +80,13 @@ def plan() -> list[Step]:
              ["-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "tests/test_clip_contrastive_loss.py",
               "tests/test_projected_mse_loss.py", "tests/test_kmeans_assign.py", "tests/test_kmeans_update.py"],
              70, 30, 150, results=False),
-        Step("contrastive", "clip_contrastive_loss fwd+bwd, N 16k/32k/131072 x D 768/512, kclip vs open_clip "
-                            "ClipLoss vs Inf-CL (N x N impls up to 32k)",
+        Step("contrastive", "clip_contrastive_loss fwd+bwd, N 16k/32k/131072 x D 768/512, kclip (the budget's plan: "
+                            "resident up to 32k, chunked at 131072) and kclip_chunked vs open_clip ClipLoss vs Inf-CL "
+                            "(N x N impls up to 32k)",
              ["-m", b + "bench_clip_contrastive_loss", "--ns", "16384", "32768", "131072", "--ds", "768", "512",
-              "--impls", "kclip", "eager", "inf_cl", "--materialising-max-n", "32768"],
-             ["-m", b + "bench_clip_contrastive_loss", "--quick", "--impls", "kclip", "eager"], 100, 30, 180),
+              "--impls", "kclip", "kclip_chunked", "eager", "inf_cl", "--materialising-max-n", "32768"],
+             ["-m", b + "bench_clip_contrastive_loss", "--quick", "--impls", "kclip", "kclip_chunked", "eager"],
+             115, 30, 200),
         Step("projected_mse", "projected_mse_loss fwd+bwd, B 4096, d 512, d' 4096: kernel, eager, compile, 3-GEMM floor",
              ["-m", b + "bench_projected_mse_loss", "--batch-sizes", "4096", "--dims", "512", "--d-out", "4096"],
              ["-m", b + "bench_projected_mse_loss", "--quick"], 60, 25, 120),
@@ -111,9 +113,10 @@ def plan() -> list[Step]:
               "--impls", "kernel", "eager", "floor", "--profile"],
              ["-m", b + "bench_projected_mse_loss", "--quick", "--batch-sizes", "64", "--impls", "kernel", "floor",
               "--profile"], 20, 10, 60),
-        Step("profile_contrastive", "profile clip_contrastive_loss N 16384, D 768: kclip (chunked), kclip_fused, eager",
-             ["-m", b + "bench_clip_contrastive_loss", "--ns", "16384", "--ds", "768", "--impls", "kclip", "kclip_fused",
-              "eager", "--profile"],
+        Step("profile_contrastive", "profile clip_contrastive_loss N 16384, D 768: kclip (resident), kclip_chunked, "
+                                    "kclip_fused, eager",
+             ["-m", b + "bench_clip_contrastive_loss", "--ns", "16384", "--ds", "768", "--impls", "kclip",
+              "kclip_chunked", "kclip_fused", "eager", "--profile"],
              ["-m", b + "bench_clip_contrastive_loss", "--quick", "--ns", "64", "--impls", "kclip", "kclip_fused",
               "--profile"], 30, 10, 70),
         Step("profile_train_step", "profile the ViT-B-32 b256 bf16 step: kclip (DeepSpeed ZeRO-2, and ZeRO-0), "
@@ -409,8 +412,8 @@ def target_rows(results: Path, quick: bool = False) -> list[dict]:
     ns = sorted({r["N"] for r in cl if r.get("impl") == "kclip" and _ms(r)})
     n_small = at_["n_small"]
     for d in at_["ds"]:
-        at = {n: {impl: _latest(cl, N=n, D=d, impl=impl) for impl in ("kclip", "kclip_fused", "eager", "compile",
-                                                                        "inf_cl")}
+        at = {n: {impl: _latest(cl, N=n, D=d, impl=impl) for impl in ("kclip", "kclip_chunked", "kclip_fused", "eager",
+                                                                        "compile", "inf_cl")}
               for n in ns}
         if d == at_["mem_d"]:
             big = max((n for n in ns if at[n]["kclip"] and at[n]["kclip"].get("peak_mem_bytes")), default=None)
@@ -420,10 +423,11 @@ def target_rows(results: Path, quick: bool = False) -> list[dict]:
         n16 = at.get(n_small, {})
         rows.append(_row("contrastive vs eager (open_clip ClipLoss)", _div(_ms(n16.get("eager")), _ms(n16.get("kclip"))),
                          2.0, True, "x", f"D={d}, N={n_small}"))
-        if n16.get("kclip_fused"):  # the other strategy, side by side (kclip is the default strategy)
-            rows.append(_row("contrastive, fused strategy, vs eager", _div(_ms(n16.get("eager")),
-                                                                          _ms(n16.get("kclip_fused"))),
-                             2.0, True, "x", f"D={d}, N={n_small}", "kclip_fused"))
+        for impl in ("kclip_chunked", "kclip_fused"):  # the other strategies, side by side (kclip: the plan's)
+            if n16.get(impl):
+                rows.append(_row(f"contrastive, {impl[6:]} strategy, vs eager", _div(_ms(n16.get("eager")),
+                                                                                    _ms(n16.get(impl))),
+                                 2.0, True, "x", f"D={d}, N={n_small}", impl))
         rows.append(_row("contrastive vs torch.compile", _div(_ms(n16.get("compile")), _ms(n16.get("kclip"))),
                          1.5, True, "x", f"D={d}, N={n_small}"))
         inf = [(n, _div(_ms(at[n]["inf_cl"]), _ms(at[n]["kclip"]))) for n in ns]

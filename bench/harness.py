@@ -432,6 +432,24 @@ def load_results(results_dir: Path | str) -> dict[str, list[dict]]:
     return out
 
 
+def recorded_ceilings(device: str, results_dirs=(RESULTS_DIR,)) -> dict | None:
+    """The newest ``env`` record's ceilings for ``device`` (a device name), else for the newest GPU on record:
+    ``{"device", "matmul_tflops", "copy_tb_per_s", "same_device"}``; None when no record has them. The first
+    directory that holds a usable record wins (a run's own results before the repository's)."""
+    for d in results_dirs:
+        path = Path(d) / "env.jsonl"
+        if not path.exists():
+            continue
+        recs = [r for r in read_records(path) if r.get("matmul_tflops") and r.get("copy_tb_per_s")]
+        mine = [r for r in recs if r.get("device") == device]
+        gpus = [r for r in recs if not r.get("interpreter") and not str(r.get("device", "cpu")).startswith("cpu")]
+        pick = (mine or gpus or [None])[-1]
+        if pick:
+            return {"device": pick["device"], "matmul_tflops": pick["matmul_tflops"],
+                    "copy_tb_per_s": pick["copy_tb_per_s"], "same_device": pick["device"] == device}
+    return None
+
+
 def _backfill(bench: str, rec: dict) -> dict:
     """Fields that records written before they existed imply: a contrastive ``kclip`` or ``kclip-tune`` record
     without a ``strategy`` ran the fused kernels (the only strategy until the chunked one became the default)."""

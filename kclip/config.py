@@ -131,8 +131,12 @@ class LossConfig:
     alpha: float = 1.0                 # L_emb, projected-MSE text distillation
     beta: float = 0.01                 # L_conc, concept classification of images
     gamma: float = 1.0                 # L_cont, symmetric InfoNCE
-    # triton (the kernels' default strategy, chunked) | chunked | fused | reference (plain PyTorch, N x N logits)
+    # triton (the strategy the memory budget plans) | resident | chunked | fused | reference (plain PyTorch, N x N
+    # logits)
     contrastive_impl: str = "triton"
+    # Workspace the contrastive kernel may use, in GB (2**30 bytes): N x N resident when it fits, budgeted row chunks
+    # otherwise, zero-workspace tiles last. 0 = automatic (1/16 of the GPU's memory). Changes how, not what.
+    contrastive_memory_budget_gb: float = 0.0
     distill_impl: str = "triton"       # triton | reference
     # The teacher target as L_emb, k-means and C see it: l2 | standardize | none. l2 is scale-free, which matters
     # for teachers with outlier dimensions (Llama 2); which one distils best depends on the teacher (README).
@@ -148,7 +152,8 @@ class LossConfig:
 
     def __post_init__(self):
         _choice("loss.concept_path", self.concept_path, ("shared", "stopgrad", "separate"))
-        _choice("loss.contrastive_impl", self.contrastive_impl, ("triton", "chunked", "fused", "reference"))
+        _choice("loss.contrastive_impl", self.contrastive_impl, ("triton", "resident", "chunked", "fused", "reference"))
+        _positive("loss.contrastive_memory_budget_gb", self.contrastive_memory_budget_gb, allow_zero=True)
         _choice("loss.distill_impl", self.distill_impl, ("triton", "reference"))
         _choice("loss.target_norm", self.target_norm, ("l2", "standardize", "none"))
         for k in ("alpha", "beta", "gamma"):

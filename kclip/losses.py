@@ -35,18 +35,21 @@ class _ScaleGrad(torch.autograd.Function):
 
 
 def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, impl: str = "triton",
-                     group=None, world_size: int = 1) -> torch.Tensor:
+                     group=None, world_size: int = 1, memory_budget_gb: float = 0.0) -> torch.Tensor:
     """Symmetric InfoNCE over the global batch, with gradients ready for DeepSpeed's averaging (see module doc).
 
     Both impls all-gather without autograd and keep the local rows in the graph, so no collective runs in
-    backward; the x P of :class:`_ScaleGrad` undoes the engine's average over P ranks.
+    backward; the x P of :class:`_ScaleGrad` undoes the engine's average over P ranks. ``memory_budget_gb`` (GB,
+    0 = automatic) is the kernel's workspace budget: with ``impl="triton"`` it picks the strategy (and chunk size).
     """
     from kclip import kernels
 
     if impl == "reference":
         loss_fn = kernels.clip_contrastive_loss_reference
-    else:  # triton: the kernels' default strategy; chunked / fused: that strategy
-        loss_fn = functools.partial(kernels.clip_contrastive_loss, strategy=None if impl == "triton" else impl)
+    else:  # triton: the strategy the memory budget plans; resident / chunked / fused: that strategy
+        budget = int(memory_budget_gb * 2 ** 30) if memory_budget_gb > 0 else None
+        loss_fn = functools.partial(kernels.clip_contrastive_loss, strategy=None if impl == "triton" else impl,
+                                    memory_budget=budget)
     if world_size == 1:
         return loss_fn(image, text, logit_scale)
     if group is None:
@@ -64,10 +67,11 @@ class KnowledgeClipLoss(torch.nn.Module):
     """
 
     def __init__(self, alpha: float = 1.0, beta: float = 0.01, gamma: float = 1.0, contrastive_impl: str = "triton",
-                 group=None, world_size: int = 1):
+                 group=None, world_size: int = 1, contrastive_memory_budget_gb: float = 0.0):
         super().__init__()
         self.alpha, self.beta, self.gamma = alpha, beta, gamma
         self.contrastive_impl = contrastive_impl
+        self.contrastive_memory_budget_gb = contrastive_memory_budget_gb  # loss.contrastive_memory_budget_gb
         self.group, self.world_size = group, world_size
 
     def forward(self, out: dict) -> tuple:
@@ -82,7 +86,8 @@ class KnowledgeClipLoss(torch.nn.Module):
         total = out["image"].new_zeros((), dtype=torch.float32)
         if self.gamma > 0:
             terms["contrastive"] = contrastive_loss(out["image"], out["text"], out["logit_scale"],
-                                                    self.contrastive_impl, self.group, self.world_size)
+                                                    self.contrastive_impl, self.group, self.world_size,
+                                                    self.contrastive_memory_budget_gb)
             total = total + self.gamma * terms["contrastive"].float()
         for name, weight, needs in (("distill", self.alpha, "teacher targets"), ("concept", self.beta, "concept labels")):
             if weight > 0:

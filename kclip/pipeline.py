@@ -73,7 +73,7 @@ COST = {"teach": "embedding every caption with the teacher again", "train": "tra
 CONCEPTS_KEYS = ("seed", "concepts.", "loss.target_norm", "loss.shuffle_teacher", "model.name", "model.pretrained")
 TRAIN_KEYS = ("seed", "model.", "loss.", "train.")
 TRAIN_IGNORED = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.compile",
-                 "model.grad_checkpointing")
+                 "model.grad_checkpointing", "loss.contrastive_memory_budget_gb")
 EVAL_KEYS = ("data.source", "eval.cub_root", "eval.awa2_root", "eval.text_em_steps")
 
 # Keys added after stamps existed, recorded only when they differ from this value: outputs stamped before the key

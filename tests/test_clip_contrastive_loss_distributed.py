@@ -56,6 +56,22 @@ def _count_all_gathers(counts: list):
 
 
 @contextlib.contextmanager
+def _count_mm(flops: list):
+    """Record the FLOPs of every torch.mm call (the cuBLAS GEMMs of the resident and chunked strategies)."""
+    real = torch.mm
+
+    def counting(a, b, *args, **kw):
+        flops.append(2 * a.shape[0] * a.shape[1] * b.shape[1])
+        return real(a, b, *args, **kw)
+
+    torch.mm = counting
+    try:
+        yield
+    finally:
+        torch.mm = real
+
+
+@contextlib.contextmanager
 def _no_host_reads():
     """Make every Python-level host read of a tensor raise (forward and backward run inside)."""
     real = {name: getattr(torch.Tensor, name) for name in HOST_READS}
@@ -93,18 +109,30 @@ def _equal_full_batch(rank, world, n_local, d):
         # Triton), the fused one, the reference
         chunked = functools.partial(ccl.clip_contrastive_loss, strategy="chunked")
         fused = functools.partial(ccl.clip_contrastive_loss, strategy="fused")
+        resident = functools.partial(ccl.clip_contrastive_loss, strategy="resident")
         chunks = -(-n_p // 5)
-        for fn, gemm, loss_gathers, passes in ((chunked, "cublas", 3, 4 * chunks), (chunked, "triton", 3, 6 * chunks),
-                                               (fused, "cublas", 3, 4),
-                                               (ccl.clip_contrastive_loss_reference, "cublas", 2, 0)):
+        # resident in blocks of 4 local rows: per buffer (rows, columns of S), row statistics and dS' per block
+        blocks = -(-n_p // 4)
+        # (fn, chunk GEMM, all-gathers, Triton launches, torch.mm matmuls in N x N x D summed over ranks; GEMM="triton"
+        # leaves only the backward's P @ B to torch.mm)
+        for fn, gemm, loss_gathers, passes, gemm_eq in (
+                (chunked, "cublas", 3, 4 * chunks, 6), (chunked, "triton", 3, 6 * chunks, 2),
+                (fused, "cublas", 3, 4, 0), (resident, "cublas", 3, 4 * blocks, 4),
+                (resident, "triton", 3, 4 * blocks, 4), (None, "cublas", 3, 4 * blocks, 4),
+                (ccl.clip_contrastive_loss_reference, "cublas", 2, 0, None)):
+            fn = fn or ccl.clip_contrastive_loss  # the budget's plan: resident at these sizes
             launches, gathers, checked, agreed = ccl.TRITON_LAUNCHES, [], agreed != n_p, n_p
-            ccl.LAUNCH_OVERRIDES["chunk"] = dict(rows=5, GEMM=gemm)
+            ccl.LAUNCH_OVERRIDES.update(chunk=dict(rows=5, GEMM=gemm), resident=dict(rows=4))
+            flops = []
             try:
-                with _count_all_gathers(gathers), (contextlib.nullcontext() if checked else _no_host_reads()):
+                with _count_all_gathers(gathers), _count_mm(flops), (
+                        contextlib.nullcontext() if checked else _no_host_reads()):
                     got = _grads(fn, img[rows], txt[rows], s, process_group=group)
             finally:
                 ccl.LAUNCH_OVERRIDES.clear()
             assert ccl.TRITON_LAUNCHES - launches == passes, "the Triton path did not run as planned"
+            if gemm_eq is not None:  # this rank's share of the matmuls: 1 / world of the total
+                assert sum(flops) * world == gemm_eq * 2 * (world * n_p) ** 2 * d, (fn, sum(flops))
             # I, T (and the Triton path's O(N) statistics), plus one tiny gather when the size is checked
             assert len(gathers) == loss_gathers + checked, (step, fn, len(gathers))
             for name, a, b in zip(names, got, want):

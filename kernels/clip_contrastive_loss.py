@@ -1,1 +1,0 @@
-../kclip/kernels/clip_contrastive_loss.py
