@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -138,8 +139,10 @@ class LossConfig:
     # otherwise, zero-workspace tiles last. 0 = automatic (1/16 of the GPU's memory). Changes how, not what.
     contrastive_memory_budget_gb: float = 0.0
     distill_impl: str = "triton"       # triton | reference
-    # The teacher target as L_emb, k-means and C see it: l2 | standardize | none. l2 is scale-free, which matters
-    # for teachers with outlier dimensions (Llama 2); which one distils best depends on the teacher (README).
+    # The teacher target as L_emb, k-means and C see it: l2 | standardize | none | whiten | whiten-<k> (PCA-whitened
+    # on the training captions' cache, k components, 64 for "whiten"; k is in the value, so the concepts and train
+    # stamps track it). l2 is scale-free, which matters for teachers with outlier dimensions (Llama 2); which one
+    # distils best depends on the teacher (README).
     target_norm: str = "l2"
     # How L_conc projects image embeddings into the teacher space for C: shared (W_e, trained by both terms: the
     # paper's C(W_e(E_I(x)))) | stopgrad (W_e with its gradient stopped: W_e fitted by L_emb alone) | separate
@@ -155,7 +158,8 @@ class LossConfig:
         _choice("loss.contrastive_impl", self.contrastive_impl, ("triton", "resident", "chunked", "fused", "reference"))
         _positive("loss.contrastive_memory_budget_gb", self.contrastive_memory_budget_gb, allow_zero=True)
         _choice("loss.distill_impl", self.distill_impl, ("triton", "reference"))
-        _choice("loss.target_norm", self.target_norm, ("l2", "standardize", "none"))
+        if not re.fullmatch(r"whiten(-[1-9][0-9]*)?", str(self.target_norm)):  # whiten-<k>: k components
+            _choice("loss.target_norm", self.target_norm, ("l2", "standardize", "none", "whiten", "whiten-<k>"))
         for k in ("alpha", "beta", "gamma"):
             _positive(f"loss.{k}", getattr(self, k), allow_zero=True)
 

@@ -484,10 +484,14 @@ def _teacher_kwargs(cfg: Config) -> dict:
 
 
 def _load_teacher(cfg: Config, device):
-    """The teacher of ``teacher.name``: the synthetic set's oracle (:mod:`kclip.oracle`), or a model."""
+    """The teacher of ``teacher.name``: the synthetic set's oracle (:mod:`kclip.oracle`), the hashed n-gram
+    control (:mod:`kclip.control_teacher`), or a model."""
+    from kclip.control_teacher import is_control, load_control
     from kclip.oracle import is_oracle, load_oracle
     from kclip.teacher import load_teacher
 
+    if is_control(cfg.teacher.name):
+        return load_control(cfg.teacher.name, device=device, **_teacher_kwargs(cfg))
     if is_oracle(cfg.teacher.name):
         if cfg.data.source != "synthetic":
             raise ValueError(f"teacher.name {cfg.teacher.name!r} encodes the attributes of the built-in synthetic "

@@ -1,5 +1,14 @@
 """The teacher targets as the method sees them: cached teacher embeddings, L2-normalised, standardised
-per dimension, or raw (``loss.target_norm``).
+per dimension, PCA-whitened, or raw (``loss.target_norm``).
+
+``whiten`` (k = 64) / ``whiten-<k>``: the targets projected on the top k principal components of the TRAINING
+captions' cache and scaled to unit variance along each, (x - mu) U_k diag(lambda_k)^-1/2, so their covariance
+over the training captions is the k x k identity and d' becomes k. The fit (mu, U_k, lambda_k) is always the
+training split's: a view of the validation cache (a folder named ``val`` beside a finished ``train`` one, the
+pipeline's layout) fits on that sibling, so validation targets are the same map applied unchanged. Components
+with eigenvalue below 1e-8 of the largest are dropped (k is then smaller: rank-deficient teachers such as the
+one-hot oracle). Whitened targets have a squared norm of ~k per caption, so ``loss.alpha`` should be scaled by
+1/k to keep L_emb's size (the comparison's whitened variants do).
 
 One view serves every consumer, so k-means, the concept classifier C and L_emb all live in the same space:
 C classifies W_e's outputs, and W_e is trained to hit these targets. Rows are produced on demand from the
@@ -18,6 +27,60 @@ def shuffle_permutation(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng([SHUFFLE_STREAM, int(seed)]).permutation(n)
 
 
+WHITEN_K = 64  # components of ``loss.target_norm: whiten`` (the tiny student's embedding width)
+
+
+def whiten_k(mode: str) -> int | None:
+    """k of a whitening ``loss.target_norm`` ("whiten": WHITEN_K, "whiten-<k>": k >= 1); None for other modes."""
+    if mode == "whiten":
+        return WHITEN_K
+    if isinstance(mode, str) and mode.startswith("whiten-") and mode[7:].isdigit() and int(mode[7:]) >= 1:
+        return int(mode[7:])
+    return None
+
+
+def _train_sibling(cache):
+    """The training split's cache for a view of the validation split's (``<cache_dir>/val`` beside a finished
+    ``<cache_dir>/train``); the cache itself otherwise."""
+    from pathlib import Path
+
+    out_dir = getattr(cache, "out_dir", None)
+    train = Path(out_dir).parent / "train" if out_dir is not None else None
+    if train is not None and Path(out_dir).name == "val" and (train / "manifest.json").is_file():
+        from kclip.embedding_cache import open_cache
+        return open_cache(train)
+    return cache
+
+
+def whitening_fit(cache, k: int, chunk: int = 65536,
+                  rel_eps: float = 1e-8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PCA whitening fitted on every row of ``cache`` (streamed, float64).
+
+    Returns:
+        mean (d',) float32, whitener (d', k') float32 with k' = min(k, d', rank), eigenvalues (k',) float64
+        (descending); (x - mean) @ whitener has identity covariance (ddof = 0) over the cache's rows. Each
+        eigenvector's sign is fixed (its largest-magnitude entry positive), so the fit is deterministic.
+    """
+    n, d = len(cache), cache.dim
+    s, s2 = np.zeros(d), np.zeros((d, d))
+    for i in range(0, n, chunk):
+        x = cache.get(np.arange(i, min(n, i + chunk)), dtype=np.float32).astype(np.float64)       # (c, d')
+        s += x.sum(0)
+        s2 += x.T @ x
+    mean = s / n
+    cov = s2 / n - np.outer(mean, mean)                                                        # (d', d')
+    vals, vecs = np.linalg.eigh((cov + cov.T) / 2)
+    order = np.argsort(vals)[::-1]
+    vals, vecs = vals[order], vecs[:, order]
+    keep = int(min(k, d, np.sum(vals > rel_eps * max(vals[0], 1e-300))))
+    if keep < 1:
+        raise ValueError(f"loss.target_norm whiten: the teacher cache {getattr(cache, 'out_dir', '')} has no variance")
+    vals, vecs = vals[:keep], vecs[:, :keep]
+    flip = np.sign(vecs[np.abs(vecs).argmax(0), np.arange(keep)])
+    vecs = vecs * np.where(flip == 0, 1.0, flip)
+    return mean.astype(np.float32), (vecs / np.sqrt(vals)).astype(np.float32), vals
+
+
 class TeacherTargets:
     """An (N, d') float32 array-like over an EmbeddingCache with the target normalisation applied.
 
@@ -26,11 +89,13 @@ class TeacherTargets:
     Args:
         rows: optional (N,) permutation: row i of this view is cache row ``rows[i]`` (``loss.shuffle_teacher``,
             the shuffled-teacher control; every consumer of the view sees the same permuted rows).
+        fit: for "whiten": the cache to fit the whitening on (default: the training split's, see the module).
     """
 
-    def __init__(self, cache, mode: str = "l2", chunk: int = 65536, rows: np.ndarray | None = None):
-        if mode not in ("l2", "standardize", "none"):
-            raise ValueError(f"loss.target_norm is {mode!r}; it must be 'l2', 'standardize' or 'none'")
+    def __init__(self, cache, mode: str = "l2", chunk: int = 65536, rows: np.ndarray | None = None, fit=None):
+        if mode not in ("l2", "standardize", "none") and whiten_k(mode) is None:
+            raise ValueError(f"loss.target_norm is {mode!r}; it must be 'l2', 'standardize', 'none', 'whiten' or "
+                             "'whiten-<k>'")
         if rows is not None:
             rows = np.asarray(rows, dtype=np.int64)
             if rows.shape != (len(cache),) or not np.array_equal(np.sort(rows), np.arange(len(cache))):
@@ -39,8 +104,14 @@ class TeacherTargets:
         self.mode = mode
         self.rows = rows
         self.mean = self.std = None
+        self.whitener = self.eigenvalues = None    # (d', k) float32 U_k diag(lambda_k)^-1/2, (k,) ("whiten")
+        self.fit_source = None
         if mode == "standardize":
             self.mean, self.std = self._moments(chunk)
+        elif whiten_k(mode) is not None:
+            source = fit if fit is not None else _train_sibling(cache)
+            self.fit_source = str(getattr(source, "out_dir", "")) or None
+            self.mean, self.whitener, self.eigenvalues = whitening_fit(source, whiten_k(mode), chunk)
 
     def _moments(self, chunk: int) -> tuple[np.ndarray, np.ndarray]:
         """Per-dimension mean and std over the whole cache, streamed in float64."""
@@ -60,6 +131,8 @@ class TeacherTargets:
             return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         if self.mode == "standardize":
             return (x - self.mean) / self.std
+        if self.whitener is not None:
+            return (x - self.mean) @ self.whitener
         return x
 
     def _cache_rows(self, indices) -> np.ndarray:
@@ -89,11 +162,11 @@ class TeacherTargets:
 
     @property
     def dim(self) -> int:
-        return self.cache.dim
+        return self.cache.dim if self.whitener is None else int(self.whitener.shape[1])
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (len(self.cache), self.cache.dim)
+        return (len(self.cache), self.dim)
 
     @property
     def dtype(self):

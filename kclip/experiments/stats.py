@@ -66,3 +66,46 @@ def paired_bootstrap(num_x: np.ndarray, den_x: np.ndarray, num_y: np.ndarray, de
     a = (1 - level) / 2
     return {"mean": observed, "ci": [float(np.quantile(diffs, a)), float(np.quantile(diffs, 1 - a))],
             "resamples": resamples}
+
+
+# ------------------------------------------------------------------------------------ confirmatory analysis
+
+
+def paired_t_pvalue(d: Sequence[float]) -> float | None:
+    """Two-sided p-value of the one-sample t-test of mean(d) = 0 (d: per-seed paired differences); None for
+    fewer than 2 values, 1.0 when every difference is 0, 0.0 when they are all equal and non-zero."""
+    d = [float(v) for v in d]
+    n = len(d)
+    if n < 2:
+        return None
+    mean = sum(d) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in d) / (n - 1))
+    if sd == 0.0:
+        return 1.0 if mean == 0.0 else 0.0
+    from scipy.stats import t
+    return float(2.0 * t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
+
+
+def holm(pvalues: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjusted p-values (family-wise error control), in the input's order.
+
+    Sorted ascending, p_(i) becomes max_{j <= i} min(1, (m - j + 1) p_(j)) with m the number of p-values present
+    (None stays None and does not count towards m: an endpoint that was not run).
+    """
+    idx = sorted((i for i, p in enumerate(pvalues) if p is not None), key=lambda i: pvalues[i])
+    m = len(idx)
+    out: list[float | None] = [None] * len(pvalues)
+    running = 0.0
+    for rank, i in enumerate(idx):
+        running = max(running, min(1.0, (m - rank) * float(pvalues[i])))
+        out[i] = running
+    return out
+
+
+def minimum_detectable_effect(sd: float | None, n: int, alpha: float = 0.05, power: float = 0.8) -> float | None:
+    """The smallest true mean paired difference a two-sided paired t-test at ``alpha`` detects with ``power``,
+    given the seed SD of the differences ``sd`` and ``n`` seeds: (t_{1-alpha/2, n-1} + t_{power, n-1}) sd / sqrt(n)
+    (the usual t approximation of the noncentral-t power equation). None for n < 2 or no sd."""
+    if sd is None or n < 2:
+        return None
+    return (t_quantile(1 - alpha / 2, n - 1) + t_quantile(power, n - 1)) * float(sd) / math.sqrt(n)
