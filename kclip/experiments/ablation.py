@@ -87,6 +87,7 @@ def run_or_reuse(base_config_path, overrides: Sequence[str], result_path: str | 
         raise ValueError(f"{what} returned no report['models']['after']; the pipeline must return the eval report dict")
     report = dict(report)
     report.setdefault("ablation", {})["seconds"] = time.perf_counter() - t0
+    Path(result_path).parent.mkdir(parents=True, exist_ok=True)  # a runner may not have made the run dir
     atomic_write_text(result_path, json.dumps(_clean(report), indent=2, default=str))
     return report, False
 
