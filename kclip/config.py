@@ -183,12 +183,21 @@ class TrainConfig:
     keep_checkpoints: int = 2
     compile: bool = False
     r2_captions: int = 2048            # held-out captions for the per-epoch R^2 of W_e(E_T(x)) vs the teacher (0: off)
+    # The grad_accum_steps micro-batches of batch_size pairs form ONE contrastive batch of batch_size x
+    # grad_accum_steps x ranks pairs with its exact gradient (gradient cache, Gao et al. 2021): embed every
+    # micro-batch without activations, take the loss and the embeddings' gradient over the whole batch, re-run each
+    # micro-batch (its RNG replayed) and backpropagate. Same pairs, losses and gradient as batch_size x
+    # grad_accum_steps per rank without accumulation, for one micro-batch of activations and ~1 extra forward.
+    # false: accumulation averages per-micro-batch losses (each micro-batch its own, smaller contrastive batch).
+    grad_cache: bool = False
 
     def __post_init__(self):
         _choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
         _choice("train.zero_stage", self.zero_stage, (0, 1, 2, 3))
         for k in ("epochs", "batch_size", "grad_accum_steps", "lr", "log_every", "checkpoint_every", "keep_checkpoints"):
             _positive(f"train.{k}", getattr(self, k))
+        if not isinstance(self.grad_cache, bool):
+            raise ConfigError(f"config key 'train.grad_cache' is {self.grad_cache!r}; it must be true or false")
 
 
 @dataclass
@@ -197,6 +206,16 @@ class EvalConfig:
     cub_root: str = ""                 # CUB_200_2011/ folder as released: attribute zero-shot (paper Table 2)
     awa2_root: str = ""                # Animals_with_Attributes2/ folder as released
     text_em_steps: int = 300           # training budget of the text-reconstruction probe (paper Table 1)
+    # Every N optimizer steps during training (0 = off): retrieval R@1/R@5 (image->text, text->image) on a fixed
+    # subset of the validation pairs (the first every_steps_pairs; training pairs when there is no validation
+    # split), logged as eval/<metric> in metrics.jsonl and TensorBoard and plotted against the step
+    # (<run_dir>/eval_during_training.png). It does not change training: same data order, RNG and losses.
+    every_steps: int = 0
+    every_steps_pairs: int = 512       # size of that fixed subset
+
+    def __post_init__(self):
+        _positive("eval.every_steps", self.every_steps, allow_zero=True)
+        _positive("eval.every_steps_pairs", self.every_steps_pairs)
 
 
 @dataclass

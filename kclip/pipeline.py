@@ -69,7 +69,8 @@ COST = {"teach": "embedding every caption with the teacher again", "train": "tra
 
 # The config keys each stage consumes (a trailing "." is a whole section). Keys that change how, not what,
 # a stage computes are left out: logging/checkpoint cadence, loader workers, token_budget/shard_size, batch
-# sizes of evaluation, torch.compile, gradient checkpointing.
+# sizes of evaluation, torch.compile, gradient checkpointing, evaluation during training (eval.every_steps*: it
+# only adds eval/* records, the training is the same). train.grad_cache changes the trained batch: an input.
 CONCEPTS_KEYS = ("seed", "concepts.", "loss.target_norm", "loss.shuffle_teacher", "model.name", "model.pretrained")
 TRAIN_KEYS = ("seed", "model.", "loss.", "train.")
 TRAIN_IGNORED = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.compile",
@@ -78,7 +79,7 @@ EVAL_KEYS = ("data.source", "eval.cub_root", "eval.awa2_root", "eval.text_em_ste
 
 # Keys added after stamps existed, recorded only when they differ from this value: outputs stamped before the key
 # existed (made with that value) stay current, and turning the key on or off is still a change.
-RECORDED_IF_NOT = {"loss.shuffle_teacher": False}
+RECORDED_IF_NOT = {"loss.shuffle_teacher": False, "train.grad_cache": False}
 
 CONFIG_FILE = "config.yaml"
 RUNS_LOG = "runs.jsonl"
@@ -586,7 +587,7 @@ def stage_train(ctx: StageContext, resume: bool = True, stop_after: int = 0) -> 
         heldout = dict(heldout_captions=ctx.splits["val"].captions, heldout_teacher=ctx.targets("val"))
     inputs = TrainInputs(index=ctx.splits["train"], teacher=ctx.targets("train"), labels=concepts["labels"].long(),
                          classifier_weight=concepts["classifier.weight"], classifier_bias=concepts["classifier.bias"],
-                         **heldout)
+                         eval_index=ctx.splits.get("val"), **heldout)
     _stamp("train", ctx, None, complete=False)  # a resumed training is checked against these inputs too
     barrier()
     summary = train(ctx.cfg, ctx.run_dir, inputs, ctx.dist, resume=resume, progress=ctx.progress,

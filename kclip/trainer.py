@@ -6,6 +6,10 @@ position (epoch, micro-batch in epoch) and the config; ``resume`` continues from
 the data order exactly (the order is a function of seed and epoch; augmentation is seeded per sample). At
 the end the student is exported as a safetensors state dict that ``open_clip.create_model(name,
 pretrained=path)`` loads.
+
+``train.grad_cache`` (:meth:`Trainer._grad_cache_step`) makes the ``grad_accum_steps`` micro-batches one
+contrastive batch with its exact gradient; ``eval.every_steps`` (:class:`_StepEval`) measures retrieval during
+training without changing it.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from kclip.atomic import atomic_write_json
 from kclip.config import Config, deepspeed_config, to_dict
 from kclip.data import PairDataset, PairIndex, pair_loader, rank_batches
 from kclip.distributed import DistInfo, all_reduce_mean, barrier
-from kclip.losses import KnowledgeClipLoss
+from kclip.losses import KnowledgeClipLoss, contrastive_loss
 from kclip.model import KnowledgeClip, build_clip, export_student
 
 TRAIN_DONE = "train_done.json"
@@ -39,6 +43,7 @@ class TrainInputs:
     classifier_bias: torch.Tensor    # (K,)
     heldout_captions: list | None = None   # captions never trained on (the val split), for the per-epoch R^2
     heldout_teacher: object = None         # their TeacherTargets (same normalisation as ``teacher``)
+    eval_index: PairIndex | None = None    # pairs for eval.every_steps: the run's val split (None: training pairs)
 
 
 def _param_groups(model: KnowledgeClip, cfg: Config) -> list[dict]:
@@ -100,21 +105,31 @@ class Trainer:
                                            **({"fused": True} if dist.device.type == "cuda" else {}))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(t.warmup_steps, total_steps))
         self.loss_fn = KnowledgeClipLoss(cfg.loss.alpha, cfg.loss.beta, cfg.loss.gamma, cfg.loss.contrastive_impl,
-                                         world_size=dist.world_size)
+                                         world_size=dist.world_size,
+                                         contrastive_memory_budget_gb=cfg.loss.contrastive_memory_budget_gb)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer,
                                                     lr_scheduler=self.scheduler,
                                                     config=deepspeed_config(cfg, dist.world_size))
         if t.compile:
             self.engine.compile()
+        # Gradient cache: one accumulation window's micro-batches (as the loader gave them, on the host) until the
+        # last one arrives. With one micro-batch per step the plain step already is the exact big-batch step.
+        self.grad_cache = t.grad_cache and t.grad_accum_steps > 1
+        self._pending: list[dict] = []
+        # The per-pair terms (L_emb, L_conc) of a grad-cache step, weighted per micro-batch: the contrastive term
+        # is taken over the whole batch separately.
+        self._pair_loss_fn = KnowledgeClipLoss(cfg.loss.alpha, cfg.loss.beta, 0.0, cfg.loss.contrastive_impl,
+                                               world_size=dist.world_size)
 
-    def _device_batch(self, batch: dict) -> tuple:
+    def _device_batch(self, batch: dict, targets: bool = True) -> tuple:
         dev = self.dist.device
         images = batch["image"].to(dev, non_blocking=True)                  # (B, 3, H, W) uint8 or float
         images = self.normalize(images, self.dtype) if self.normalize is not None else images.to(self.dtype)
         tokens = batch["tokens"].to(dev, non_blocking=True)                 # (B, L)
         loss = self.cfg.loss
-        teacher = batch["teacher"].to(dev, non_blocking=True) if loss.alpha > 0 else None   # (B, d') fp16
-        concept = batch["concept"].to(dev, non_blocking=True) if loss.beta > 0 else None    # (B,)
+        targets_for = targets and loss.alpha > 0, targets and loss.beta > 0
+        teacher = batch["teacher"].to(dev, non_blocking=True) if targets_for[0] else None   # (B, d') fp16
+        concept = batch["concept"].to(dev, non_blocking=True) if targets_for[1] else None   # (B,)
         return images, tokens, teacher, concept
 
     def train_step(self, batch: dict) -> dict:
@@ -126,13 +141,106 @@ class Trainer:
                 on any device (moved here without blocking).
         Returns:
             {"loss", the loss terms, "logit_scale"}: detached 0-d device tensors. Nothing here waits for
-            the device: read them (``.item()``) only when logging.
+            the device: read them (``.item()``) only when logging. With ``train.grad_cache`` (and
+            grad_accum_steps > 1) the step runs when the window's last micro-batch arrives: the earlier calls
+            only keep their batch and return {}; the last returns the whole batch's values.
         """
+        if self.grad_cache:
+            return self._grad_cache_step(batch)
         out = self.engine(*self._device_batch(batch))
         loss, terms = self.loss_fn(out)
         self.engine.backward(loss)
         self.engine.step()
         return {"loss": loss.detach(), **terms, "logit_scale": out["logit_scale"].detach()}
+
+    def _grad_cache_step(self, batch: dict) -> dict:
+        """The gradient-cache step (Gao et al. 2021) over one accumulation window of micro-batches.
+
+        The window (``grad_accum_steps`` micro-batches on each of P ranks) is ONE contrastive batch of N pairs,
+        and the gradient that reaches the optimizer equals that of the loss a run with batch_size x
+        grad_accum_steps per rank and no accumulation computes:
+
+        1. embed every micro-batch with no activations kept (no_grad), saving the RNG state before each forward;
+        2. the contrastive loss over the whole batch once (kclip.losses.contrastive_loss: it all-gathers across
+           ranks; its x P on the features undoes the engine's rank average), on leaf copies of the embeddings:
+           its gradient w.r.t. this rank's embeddings and the logit scale;
+        3. per micro-batch j (n_j pairs), with its RNG state restored (dropout, patch dropout, drop-path draw the
+           same masks as in step 1, so the cached gradient belongs to the same function): forward with
+           activations, backward of ``<image, dI_j> + <text, dT_j> + (n_j/n) (alpha L_emb_j + beta L_conc_j)``
+           (+ ``scale * d scale`` once), then ``engine.step()``. L_emb and L_conc are per-pair means, so the
+           n_j/n weights sum them to the window's mean on this rank; the engine's rank average then gives the
+           global one, as in the big-batch run. ``scale_wrt_gas=False``: the weights already are the
+           accumulation's share, DeepSpeed's 1/grad_accum_steps would count it twice.
+
+        Only one micro-batch's activations are alive at a time; the cost is one extra no-grad forward.
+        """
+        self._pending.append(batch)
+        if len(self._pending) < self.cfg.train.grad_accum_steps:
+            return {}
+        micro, self._pending = self._pending, []
+        gamma = self.cfg.loss.gamma
+        states, images, texts = [], [], []
+        scale = None
+        if gamma > 0:
+            with torch.no_grad():
+                for b in micro:
+                    states.append(self._rng_state())
+                    out = self.engine(*self._device_batch(b, targets=False))
+                    images.append(out["image"])                            # (n_j, d)
+                    texts.append(out["text"])                              # (n_j, d)
+                    scale = out["logit_scale"]
+            sizes = [x.shape[0] for x in images]
+            # fp16 embeddings' gradients would underflow without the engine's loss scale: take them in fp32
+            leaf_dtype = torch.float32 if images[0].dtype == torch.float16 else images[0].dtype
+            image = torch.cat(images).to(leaf_dtype).requires_grad_()      # (n, d) this rank's rows
+            text = torch.cat(texts).to(leaf_dtype).requires_grad_()        # (n, d)
+            log_scale = scale.detach().to(leaf_dtype).requires_grad_()     # ()
+            del images, texts
+            with torch.enable_grad():
+                cont = contrastive_loss(image, text, log_scale, self.loss_fn.contrastive_impl,
+                                        self.loss_fn.group, self.loss_fn.world_size).float()
+                d_image, d_text, d_scale = torch.autograd.grad(gamma * cont, (image, text, log_scale))
+            d_images, d_texts = d_image.split(sizes), d_text.split(sizes)   # (n_j, d) each
+            after = self._rng_state()
+        else:  # no contrastive term: nothing couples the micro-batches
+            sizes = [b["image"].shape[0] for b in micro]
+        n = sum(sizes)
+        pair_total, pair_terms = None, {}
+        for j, b in enumerate(micro):
+            if gamma > 0:
+                self._set_rng_state(states[j])
+            out = self.engine(*self._device_batch(b))
+            weight = sizes[j] / n
+            total, terms = self._pair_loss_fn(out)                         # alpha L_emb_j + beta L_conc_j
+            surrogate = weight * total
+            if gamma > 0:
+                surrogate = surrogate + (out["image"].float() * d_images[j].float()).sum() \
+                    + (out["text"].float() * d_texts[j].float()).sum()
+                if j == 0:  # the scale is shared by the micro-batches: its gradient enters once
+                    surrogate = surrogate + (out["logit_scale"].float() * d_scale.float()).sum()
+            self.engine.backward(surrogate, scale_wrt_gas=False)
+            self.engine.step()
+            last_scale = out["logit_scale"].detach()
+            del out, surrogate                                             # this micro-batch's graph is gone
+            pair_total = weight * total.detach() if pair_total is None else pair_total + weight * total.detach()
+            for k, v in terms.items():
+                pair_terms[k] = weight * v if k not in pair_terms else pair_terms[k] + weight * v
+        if gamma > 0:
+            self._set_rng_state(after)  # where step 1 left it, whatever the re-runs drew
+            loss = gamma * cont.detach() + pair_total
+            return {"loss": loss, "contrastive": cont.detach(), **pair_terms, "logit_scale": scale.detach()}
+        return {"loss": pair_total, **pair_terms, "logit_scale": last_scale}
+
+    def _rng_state(self) -> tuple:
+        """The generators a forward may draw from: CPU and this rank's CUDA device (host-side state, no sync)."""
+        cuda = torch.cuda.get_rng_state(self.dist.device) if self.dist.device.type == "cuda" else None
+        return torch.get_rng_state(), cuda
+
+    def _set_rng_state(self, state: tuple) -> None:
+        cpu, cuda = state
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, self.dist.device)
 
     @torch.no_grad()
     def distill_r2(self, tokens: torch.Tensor, targets: torch.Tensor, batch_size: int = 256) -> float:
@@ -216,6 +324,108 @@ def _heldout(inputs: TrainInputs, tokenizer, limit: int):
 
 
 R2_WARN = 0.1  # below this held-out R^2 the projection does not fit the teacher: say so
+STEP_EVAL_PLOT = "eval_during_training.png"
+STEP_EVAL_METRICS = ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5")
+
+
+class _StepEval:
+    """``eval.every_steps``: retrieval R@1/R@5 (image->text, text->image; :func:`kclip.eval.retrieval.retrieval_recall`)
+    on a fixed subset of pairs during training, without changing the training.
+
+    The subset: the first ``eval.every_steps_pairs`` validation pairs (``TrainInputs.eval_index``, which the
+    pipeline fills with the run's val split), or training pairs when there is no validation split (said once, and recorded
+    as ``eval/split``). Its images are decoded once with the validation transform (no augmentation) and kept on
+    the host as uint8. Every rank runs the same forwards (ZeRO-3 gathers parameters collectively); rank 0 logs.
+    Training is unchanged: the engine goes back to its mode, the RNG (CPU and this device) is forked, and the
+    training loader is not touched.
+    """
+
+    def __init__(self, images, tokens, text_to_image, split: str, normalize, dist: DistInfo, batch_size: int):
+        self.images, self.tokens, self.text_to_image = images, tokens, text_to_image  # (Ni, 3, H, W), (Nt, L), (Nt,)
+        self.split, self.normalize, self.dist, self.batch_size = split, normalize, dist, batch_size
+
+    @classmethod
+    def build(cls, cfg: Config, run_dir: Path, inputs: TrainInputs, clip, tokenizer, dist: DistInfo):
+        """The evaluator of ``cfg.eval.every_steps``, or None when it is off."""
+        if cfg.eval.every_steps <= 0:
+            return None
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+
+        index, split = inputs.eval_index, "val"
+        if index is None or not index.pairs:
+            index, split = inputs.index, "train"
+            if dist.is_main:
+                print("[kclip] eval.every_steps: no validation pairs (data.val); evaluating retrieval on the first "
+                      f"{cfg.eval.every_steps_pairs} TRAINING pairs instead", flush=True)
+        pairs = index.pairs[:cfg.eval.every_steps_pairs]
+        preprocess = image_transform_v2(PreprocessCfg(**clip.visual.preprocess_cfg), is_train=False)
+        dataset = PairDataset(PairIndex(pairs=pairs), preprocess, tokenizer, seed=cfg.seed)
+        first, rows, text_to_image = {}, [], []
+        for i, p in enumerate(pairs):  # an image with several captions is one retrieval target
+            key = (p.image, p.member_offset)
+            if key not in first:
+                first[key] = len(rows)
+                rows.append(i)
+            text_to_image.append(first[key])
+        with torch.random.fork_rng(devices=[]):
+            images = dataset.__getitems__(rows)["image"]                          # (Ni, 3, H, W)
+        tokens = tokenizer([p.caption for p in pairs])                            # (Nt, L)
+        return cls(images, tokens, torch.tensor(text_to_image), split, dataset.normalize, dist, cfg.eval.batch_size)
+
+    @torch.no_grad()
+    def __call__(self, trainer: "Trainer") -> dict:
+        """{"eval/i2t_r1", ..., "eval/seconds", ...} for the model as it is now."""
+        t0 = time.perf_counter()
+        engine, dev = trainer.engine, self.dist.device
+        was_training = engine.module.training  # (the DeepSpeed engine's own flag stays True in eval())
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            engine.eval()
+            try:
+                image, text = [], []
+                for i in range(0, self.images.shape[0], self.batch_size):
+                    x = self.images[i:i + self.batch_size].to(dev)
+                    x = self.normalize(x, trainer.dtype) if self.normalize is not None else x.to(trainer.dtype)
+                    image.append(engine(x, None, None, None)["image"].float())   # (b, d)
+                for i in range(0, self.tokens.shape[0], self.batch_size):
+                    text.append(engine(None, self.tokens[i:i + self.batch_size].to(dev), None, None)["text"].float())
+            finally:
+                engine.train(was_training)
+        from kclip.eval.retrieval import retrieval_recall
+
+        recall = retrieval_recall(torch.cat(image).cpu(), torch.cat(text).cpu(), self.text_to_image, ks=(1, 5))
+        out = {f"eval/{k}": recall[k] for k in STEP_EVAL_METRICS}
+        out.update({"eval/images": recall["n_images"], "eval/texts": recall["n_texts"], "eval/split": self.split,
+                    "eval/seconds": time.perf_counter() - t0})
+        return out
+
+
+def plot_step_eval(metrics_path: Path, out: Path) -> Path | None:
+    """The eval/* records of metrics.jsonl against the step (the last record of a step wins after a resume)."""
+    by_step = {}
+    if Path(metrics_path).is_file():
+        for line in open(metrics_path, encoding="utf-8"):
+            rec = json.loads(line)
+            if f"eval/{STEP_EVAL_METRICS[0]}" in rec:
+                by_step[rec["step"]] = rec
+    if not by_step:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted(by_step)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k in STEP_EVAL_METRICS:
+        ax.plot(steps, [by_step[s][f"eval/{k}"] for s in steps], marker="o", label=k)
+    split = by_step[steps[-1]].get("eval/split", "val")
+    ax.set(xlabel="optimizer step", ylabel="recall (%)",
+           title=f"retrieval during training ({by_step[steps[-1]].get('eval/texts')} {split} captions)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
 
 
 def train(cfg: Config, run_dir: Path, inputs: TrainInputs, dist: DistInfo, resume: bool = True,
@@ -237,6 +447,7 @@ def train(cfg: Config, run_dir: Path, inputs: TrainInputs, dist: DistInfo, resum
     dataset = PairDataset(inputs.index, preprocess_train, tokenizer, inputs.teacher, inputs.labels, seed=cfg.seed)
     trainer = Trainer(cfg, model, dist, total_steps, normalize=dataset.normalize)
     heldout = _heldout(inputs, tokenizer, t.r2_captions) if cfg.loss.alpha > 0 else None
+    step_eval = _StepEval.build(cfg, run_dir, inputs, model.clip, tokenizer, dist)
 
     step, epoch, batch_in_epoch = 0, 0, 0
     if resume and (ckpt_dir / "latest").is_file():
@@ -253,7 +464,10 @@ def train(cfg: Config, run_dir: Path, inputs: TrainInputs, dist: DistInfo, resum
     r2 = None
     # One loader for the whole run: workers persist across epochs. Each sample index carries its epoch
     # (epoch * N + row), which seeds its augmentation, so workers need no per-epoch state.
-    sampler = _ResumableBatches(n, t.batch_size, cfg.seed, dist, per_epoch * accum, epoch, batch_in_epoch)
+    # grad_cache: the step's micro-batches are this rank's rows of the big batch (batch_size x grad_accum_steps),
+    # in order, so the step sees what a run without accumulation sees; plain accumulation keeps its own layout
+    sampler = _ResumableBatches(n, t.batch_size, cfg.seed, dist, per_epoch * accum, epoch, batch_in_epoch,
+                                split=accum if t.grad_cache else 1)
     loader = pair_loader(dataset, sampler, cfg.data.num_workers, pin_memory=dist.device.type == "cuda",
                          persistent_workers=True)
     for micro in loader if step < total_steps else ():
@@ -271,6 +485,8 @@ def train(cfg: Config, run_dir: Path, inputs: TrainInputs, dist: DistInfo, resum
             window_t0, window_samples = time.perf_counter(), 0
             metrics.log(record, step)
             bar.set_postfix(loss=f"{record['loss']:.4f}", pps=f"{record['pairs_per_s']:.0f}")
+        if step_eval is not None and step % cfg.eval.every_steps == 0:
+            metrics.log({"step": step, "epoch": epoch, **step_eval(trainer)}, step)
         epoch_done = batch_in_epoch >= per_epoch * accum
         next_position = (epoch + 1, 0) if epoch_done else (epoch, batch_in_epoch)
         if epoch_done and heldout is not None:
@@ -285,6 +501,8 @@ def train(cfg: Config, run_dir: Path, inputs: TrainInputs, dist: DistInfo, resum
             break
     bar.close()
     metrics.close()
+    if step_eval is not None and dist.is_main:
+        plot_step_eval(run_dir / "metrics.jsonl", run_dir / STEP_EVAL_PLOT)
     summary = {"steps": step, "total_steps": total_steps, "epochs": epoch, "stopped_early": stopped}
     if stopped:
         return summary
@@ -325,7 +543,7 @@ class _Metrics:
         if self.writer is not None:
             for k, v in record.items():
                 if k not in ("step", "epoch") and isinstance(v, (int, float)):
-                    self.writer.add_scalar(f"train/{k}", v, step)
+                    self.writer.add_scalar(k if "/" in k else f"train/{k}", v, step)  # eval/<metric> as named
 
     def close(self) -> None:
         if self.writer is not None:
@@ -333,18 +551,25 @@ class _Metrics:
 
 
 class _ResumableBatches:
-    """This rank's micro-batches from (epoch, micro-batch) on, forever; indices are ``epoch * n + row``."""
+    """This rank's micro-batches from (epoch, micro-batch) on, forever; indices are ``epoch * n + row``.
 
-    def __init__(self, n: int, batch_size: int, seed: int, dist: DistInfo, per_epoch: int, epoch: int, start: int):
+    ``split`` > 1: this rank's batches of ``batch_size * split`` rows (the no-accumulation layout of that batch
+    size), each cut into ``split`` consecutive micro-batches of ``batch_size``.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, dist: DistInfo, per_epoch: int, epoch: int, start: int,
+                 split: int = 1):
         self.n, self.batch_size, self.seed, self.dist = n, batch_size, seed, dist
-        self.per_epoch, self.epoch, self.start = per_epoch, epoch, start
+        self.per_epoch, self.epoch, self.start, self.split = per_epoch, epoch, start, split
 
     def __iter__(self):
         epoch, start = self.epoch, self.start
+        b = self.batch_size
         while True:
-            batches = rank_batches(self.n, self.batch_size, self.seed, epoch, self.dist.rank, self.dist.world_size)
-            for b in batches[start:self.per_epoch]:
-                yield (b + epoch * self.n).tolist()
+            batches = rank_batches(self.n, b * self.split, self.seed, epoch, self.dist.rank, self.dist.world_size)
+            micro = [big[i * b:(i + 1) * b] for big in batches for i in range(self.split)]
+            for m in micro[start:self.per_epoch]:
+                yield (m + epoch * self.n).tolist()
             epoch, start = epoch + 1, 0
 
 

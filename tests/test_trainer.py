@@ -24,10 +24,12 @@ def parts():
     return clip, batch
 
 
-def _trainer(clip, zero_stage=2, alpha=1.0):
+def _trainer(clip, zero_stage=2, alpha=1.0, grad_cache_steps=0):
     cfg = Config()
     # lr 1e-3: at 1e-2 AdamW collapses the 8-pair contrastive term to ln 8 on some head initialisations
     cfg.train.batch_size, cfg.train.zero_stage, cfg.train.lr, cfg.train.warmup_steps = B, zero_stage, 1e-3, 1
+    if grad_cache_steps:
+        cfg.train.grad_cache, cfg.train.grad_accum_steps = True, grad_cache_steps
     cfg.loss.alpha = alpha
     import copy
 
@@ -50,18 +52,19 @@ def test_train_step_returns_device_tensors_and_learns(parts, zero_stage):
     assert float(last["distill"]) < float(first["distill"])
 
 
-def test_train_step_asks_deepspeed_for_no_device_wait(parts, monkeypatch):
+@pytest.mark.parametrize("grad_cache_steps", [0, 2])  # 2: the gradient-cache step over 2 micro-batches
+def test_train_step_asks_deepspeed_for_no_device_wait(parts, monkeypatch, grad_cache_steps):
     # Each DeepSpeed accelerator synchronize() drains the GPU's queue and stalls the host; its throughput timer
     # used to ask for two per step. (On CPU the call is a no-op, but the call itself is what a GPU would pay.)
     from deepspeed.accelerator import get_accelerator
 
     clip, batch = parts
-    trainer, _ = _trainer(clip)
+    trainer, _ = _trainer(clip, grad_cache_steps=grad_cache_steps)
     waits = []
     accel = get_accelerator()
     real = accel.synchronize
     monkeypatch.setattr(accel, "synchronize", lambda *a, **k: (waits.append(1), real(*a, **k))[1])
-    for _ in range(4):  # DeepSpeed's timer starts waiting from its 2nd step on
+    for _ in range(4 * max(1, grad_cache_steps)):  # DeepSpeed's timer starts waiting from its 2nd step on
         trainer.train_step(batch)
     assert waits == []
 
