@@ -20,13 +20,12 @@ any teacher) but change nothing. A caption outside the grammar is an error that 
 from __future__ import annotations
 
 import hashlib
-import re
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from kclip.synthetic import COLORS, RELATIONS, SHAPES, SIZES
+from kclip.synthetic import COLORS, SHAPES, SIZES, parse_caption
 
 ORACLE_TEACHER = "synthetic-oracle"
 ORACLE_VERSION = 1
@@ -37,43 +36,15 @@ _OBJECT_BLOCK = (tuple(SIZES), tuple(COLORS), tuple(SHAPES))
 _OBJECT_DIM = sum(len(v) for v in _OBJECT_BLOCK)
 ORACLE_DIM = 2 * _OBJECT_DIM + len(_AXES)
 
-_OBJ = "({}) ({}) ({})".format(*("|".join(map(re.escape, v)) for v in _OBJECT_BLOCK))
-_REL = "({})".format("|".join(map(re.escape, RELATIONS)))
-# (pattern, which object groups are (x, y) in "x <rel> y"): the four phrasings of Scene.phrasings
-_PATTERNS = [
-    (re.compile(rf"^a {_OBJ} {_REL} a {_OBJ}$"), "xry"),
-    (re.compile(rf"^a picture of a {_OBJ} that is {_REL} a {_OBJ}$"), "xry"),
-    (re.compile(rf"^there is a {_OBJ}, and a {_OBJ} is {_REL} it$"), "yxr"),
-]
-
-
 def is_oracle(name: str) -> bool:
     """Whether ``teacher.name`` names the oracle."""
     return str(name).strip().lower() == ORACLE_TEACHER
 
 
-def parse_caption(caption: str) -> tuple[tuple[str, str, str], str, tuple[str, str, str]]:
-    """(x, relation, y) of a caption saying "x <relation> y", each object (size, colour, shape).
-
-    Raises:
-        ValueError: the caption is not one of the synthetic grammar's phrasings.
-    """
-    text = caption.strip()
-    for pattern, order in _PATTERNS:
-        m = pattern.match(text)
-        if m is None:
-            continue
-        g = m.groups()
-        if order == "xry":
-            return (g[0], g[1], g[2]), g[3], (g[4], g[5], g[6])
-        return (g[3], g[4], g[5]), g[6], (g[0], g[1], g[2])  # "there is a y, and a x is <rel> it"
-    raise ValueError(f"caption {caption!r} is not a sentence of the synthetic grammar (kclip.synthetic.Scene."
-                     "phrasings)")
-
-
 def canonical_scene(caption: str) -> tuple[tuple[str, str, str], str, tuple[str, str, str]]:
     """The caption's scene as (left/upper object, "to the left of" | "above", right/lower object)."""
-    x, rel, y = parse_caption(caption)
+    s = parse_caption(caption)
+    x, rel, y = (s.size_a, s.color_a, s.shape_a), s.relation, (s.size_b, s.color_b, s.shape_b)
     canon, swap = _CANONICAL[rel]
     return (y, canon, x) if swap else (x, canon, y)
 
@@ -164,4 +135,4 @@ def load_oracle(name: str = ORACLE_TEACHER, precision: str = "int8", pooling: st
 
 
 __all__ = ["ORACLE_TEACHER", "ORACLE_DIM", "OracleTeacher", "canonical_scene", "is_oracle", "load_oracle",
-           "parse_caption", "scene_slots"]
+           "scene_slots"]

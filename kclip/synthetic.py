@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -52,6 +54,91 @@ class Scene:
             f"a picture of a {a} that is {self.relation} a {b}",
             f"there is a {b}, and a {a} is {self.relation} it",
         ]
+
+
+INVERSE_RELATION = {"to the left of": "to the right of", "to the right of": "to the left of",
+                    "above": "below", "below": "above"}
+# the slots a caption states
+SLOTS = ATTRIBUTE_COLUMNS
+
+
+def swapped(scene: Scene) -> Scene:
+    """The same scene stated the other way round: objects swapped, relation inverted."""
+    return Scene(scene.size_b, scene.color_b, scene.shape_b, INVERSE_RELATION[scene.relation],
+                 scene.size_a, scene.color_a, scene.shape_a)
+
+
+_OBJECT = "({}) ({}) ({})".format(*("|".join(map(re.escape, v)) for v in (SIZES, COLORS, SHAPES)))
+_RELATION = "({})".format("|".join(map(re.escape, RELATIONS)))
+# the phrasings of Scene.phrasings as patterns, each with where a, relation and b sit among its groups
+_PHRASINGS = [
+    (re.compile(rf"^a {_OBJECT} {_RELATION} a {_OBJECT}$"), (0, 3, 4)),
+    (re.compile(rf"^a picture of a {_OBJECT} that is {_RELATION} a {_OBJECT}$"), (0, 3, 4)),
+    (re.compile(rf"^there is a {_OBJECT}, and a {_OBJECT} is {_RELATION} it$"), (3, 6, 0)),
+]
+
+
+def parse_caption(caption: str) -> Scene:
+    """The scene a caption of any of :meth:`Scene.phrasings` states, as stated (x <relation> y: x is object a).
+
+    Raises:
+        ValueError: the caption is not one of the grammar's phrasings.
+    """
+    text = caption.strip()
+    for pattern, (a, rel, b) in _PHRASINGS:
+        m = pattern.match(text)
+        if m:
+            g = m.groups()
+            return Scene(*g[a:a + 3], g[rel], *g[b:b + 3])
+    raise ValueError(f"caption {caption!r} is not a sentence of the synthetic grammar (kclip.synthetic.Scene."
+                     "phrasings)")
+
+
+def _words_to_caption(words: Sequence[str]) -> str:
+    return " ".join(words).replace(" ,", ",")  # the words of kclip.eval.text_em.tokenize, joined back
+
+
+def slot_hits(pred_words: Sequence[str], ref_words: Sequence[str]) -> tuple[int, int]:
+    """(slots right, slots in all) of a decoded caption against its reference, phrasing ignored: both (word lists of
+    ``kclip.eval.text_em.tokenize``) are parsed
+    (:func:`parse_caption`) and compared on the 7 slots (the 3 attributes of each object and the relation) in
+    the better of the prediction's two statements (as parsed, and :func:`swapped`), so "a X above a Y" scores
+    the same against "a Y below a X" as against itself. A prediction that follows no phrasing gets no slot right."""
+    ref = parse_caption(_words_to_caption(ref_words))
+    try:
+        pred = parse_caption(_words_to_caption(pred_words))
+    except ValueError:
+        return 0, len(SLOTS)
+    r = asdict(ref)
+    hits = max(sum(p[s] == r[s] for s in SLOTS) for p in (asdict(pred), asdict(swapped(pred))))
+    return hits, len(SLOTS)
+
+
+def fresh_captions(meta: dict, exclude: Iterable[str], n: int, seed: int) -> list[str]:
+    """``n`` distinct captions of the training distribution described by ``meta`` (a set's meta.json: its
+    held-out combinations and captions per image) that are not in ``exclude`` (the captions trained on): new
+    scenes of seen colour-shape combinations, each with the set's phrasings.
+
+    Raises:
+        ValueError: the grammar cannot give ``n`` such captions.
+    """
+    held = {tuple(c) for c in meta["heldout_combos"]}
+    per_image = int(meta["params"]["captions_per_image"])
+    seen, out = set(exclude), []
+    combos = len(COLORS) * len(SHAPES) - len(held)
+    if n > combos * (combos - 1) * len(SIZES) ** 2 * len(RELATIONS) * per_image:  # more than the grammar holds
+        raise ValueError(f"fresh_captions: {n} captions asked for, more than the grammar can phrase; ask for fewer")
+    rng = np.random.default_rng([seed, 104729])
+    for _ in range(50 * n + 1000):
+        scene = _sample_scene(rng, lambda a, b: a not in held and b not in held)
+        for caption in scene.phrasings()[:per_image]:
+            if caption not in seen:
+                seen.add(caption)
+                out.append(caption)
+        if len(out) >= n:
+            return out[:n]
+    raise ValueError(f"fresh_captions: only {len(out)} of the {n} fresh captions asked for exist outside the "
+                     "training captions; ask for fewer")
 
 
 def heldout_combos(n: int, seed: int) -> list[tuple[str, str]]:

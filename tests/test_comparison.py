@@ -2,6 +2,8 @@
 the paired statistics, and an end-to-end smoke of the comparison command at a tiny budget."""
 import json
 import math
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -10,10 +12,10 @@ import torch
 from kclip.config import load_config
 from kclip.experiments.comparison import RunSpec, execute, plan_runs, run_comparison, run_metrics
 from kclip.experiments.comparison_report import _run_revisions
-from kclip.experiments.design import ARMS, TEACHERS, _cache_label
+from kclip.experiments.design import ARMS, PER_IMAGE_FILE, RESULT_FILE, TEACHERS, _cache_label
 from kclip.experiments.stats import paired_bootstrap, paired_differences, ratio_metric
-from kclip.oracle import ORACLE_DIM, OracleTeacher, canonical_scene, load_oracle, parse_caption, scene_slots
-from kclip.synthetic import Scene, generate, heldout_combos
+from kclip.oracle import ORACLE_DIM, OracleTeacher, canonical_scene, load_oracle, scene_slots
+from kclip.synthetic import Scene, generate, heldout_combos, parse_caption
 from kclip.targets import TeacherTargets, shuffle_permutation
 
 # the sizes of tests/test_pipeline.py: every stage runs, in seconds
@@ -91,7 +93,7 @@ def test_oracle_rejects_other_captions_and_prompts():
     with pytest.raises(ValueError, match="teacher.prompt"):
         load_oracle("synthetic-oracle", prompt='This sentence: "{}"')
     assert parse_caption("there is a small red circle, and a large blue cross is below it") == \
-        (("large", "blue", "cross"), "below", ("small", "red", "circle"))
+        Scene("large", "blue", "cross", "below", "small", "red", "circle")
     assert scene_slots("a small red circle to the right of a large blue cross") == \
         scene_slots("a large blue cross to the left of a small red circle")
 
@@ -285,8 +287,23 @@ def test_comparison_smoke(tmp_path):
     assert run_metrics(execute(spec, hits=False).report) == a["metrics"]
     assert not list(out.glob("runs/*/checkpoints"))
     assert not (out / res["pretrain"]["0"]["run_dir"] / "checkpoints").exists()
-    assert (out / ".gitignore").read_text().split() == ["runs/", "pretrain-*/", "teacher_cache/"]
     # a rerun reuses every run and the phase-1 student
     again = run_comparison(out, **kw)
     assert all(r["reused"] for r in again["runs"]) and again["pretrain"]["0"]["reused"]
     assert again["teachers"] == json.loads(json.dumps(res["teachers"]))
+    # what git keeps of <out> (its .gitignore) is enough to resume elsewhere: nothing is built again
+    subprocess.run(["git", "init", "-q", str(out)], check=True)
+    kept = subprocess.run(["git", "-C", str(out), "ls-files", "--others", "--exclude-standard"], check=True,
+                          capture_output=True, text=True).stdout.split()
+    assert not any(k.endswith((".safetensors", ".csv", ".png")) or k.startswith("teacher_cache") for k in kept)
+    assert sum(k.endswith("/" + RESULT_FILE) for k in kept) == len(res["runs"]) == sum(
+        k.endswith("/" + PER_IMAGE_FILE) for k in kept)
+    moved = tmp_path / "clone"
+    for k in kept:
+        (moved / k).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(out / k, moved / k)
+    said = []
+    resumed = run_comparison(moved, **{**kw, "log": said.append})
+    assert all(r["reused"] for r in resumed["runs"]) and not list(moved.glob("pretrain-*/*.safetensors"))
+    assert not (moved / "teacher_cache").exists() and any("not needed" in m for m in said)
+    assert resumed["teachers"] == json.loads(json.dumps(res["teachers"]))

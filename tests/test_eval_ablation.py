@@ -57,7 +57,7 @@ def test_runs_configs_and_aggregates(tmp_path):
     assert lines[:5] == ["# Knowledge-CLIP loss ablation", "", "Produced by:", "", "```"]
     assert lines[5].startswith("python -m kclip.experiments.ablation --config") and "--max-steps 7" in lines[5]
     assert "| metric | contrastive | contrastive+emb | contrastive+conc | all |" in md
-    assert "| text reconstruction EM (in-distribution) | 1.0 ± 1.0 | 11.0 ± 1.0 | 11.0 ± 1.0 | 21.0 ± 1.0 |" in md
+    assert "| text reconstruction EM (trained captions; real data: val) | 1.0 ± 1.0 | 11.0 ± 1.0 | 11.0 ± 1.0 | 21.0 ± 1.0 |" in md
 
     # resume: finished runs are reused, nothing is retrained
     again = FakePipeline()

@@ -48,16 +48,19 @@ def test_report_files_and_keys(evaluated):
     on_disk = json.loads((out / "report.json").read_text())  # strict JSON (no NaN)
     assert set(on_disk) == {"models", "teacher", "baselines", "chance", "concepts", "evaluations", "provenance",
                             "text_em_probe", "distillation"}
-    probe = on_disk["text_em_probe"]  # Table 1: the proof-of-concept row and both EM splits
-    assert {"text_em", "text_em_heldout"} <= set(probe["autoencoder"]) and set(probe["splits"]) == {
-        "in_distribution", "heldout"} and probe["splits"]["heldout"] == on_disk["provenance"]["n_val_captions"]
+    probe = on_disk["text_em_probe"]  # Table 1: the proof-of-concept row and the three synthetic EM splits
+    assert {"text_em", "text_em_fresh", "text_em_heldout", "text_slot_acc_heldout"} <= set(probe["autoencoder"])
+    assert probe["splits"] == {"trained": probe["splits"]["trained"], "fresh": probe["splits"]["trained"],
+                               "heldout": on_disk["provenance"]["n_val_captions"]}
+    assert 0 <= probe["autoencoder"]["text_slot_acc_heldout"] <= 100
     assert "Proof of concept" in (out / "report.md").read_text()
     assert all(e["ran"] for name, e in on_disk["evaluations"].items() if name != "cub")
     assert on_disk["evaluations"]["cub"] == {"ran": False, "why": on_disk["evaluations"]["cub"]["why"]}
     assert "eval.cub_root not set" in on_disk["evaluations"]["cub"]["why"]
     for name in ("before", "after"):
         m = on_disk["models"][name]
-        for key in ("text_em", "text_token_acc", "text_em_heldout", "attribute_top1", "attribute_top5", "attribute_heldout_top1",
+        for key in ("text_em", "text_token_acc", "text_em_heldout", "text_em_fresh", "text_slot_acc",
+                    "text_slot_acc_fresh", "text_slot_acc_heldout", "attribute_top1", "attribute_top5", "attribute_heldout_top1",
                     "retrieval", "compositional", "caption_retrieval", "awa2"):
             assert key in m, (name, key)
         assert {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"} <= set(m["retrieval"])
@@ -175,3 +178,27 @@ def test_any_source_gets_retrieval_and_text_em_and_says_what_did_not_run(evaluat
         assert "| attribute_zeroshot | no | needs the built-in synthetic set's ground truth" in md
         assert "| cub | no | eval.cub_root not set" in md and "Data: user pairs" in md
         assert "hard neg." not in md and "| attribute | NMI |" not in md
+
+
+def test_text_em_splits_mean_what_they_say(tmp_path):
+    """trained: captions the student trained on (none used to fit the probe); fresh: seen combinations, captions
+    the student never saw; heldout: the val captions, each naming a held-out combination."""
+    from kclip.eval.run import _em_train_captions, synthetic_eval_data, text_em_splits
+    from kclip.synthetic import parse_caption
+
+    data = synthetic_eval_data(small_synthetic(tmp_path, n_train=60, n_val=40))
+    train = data.synthetic[0]
+    fit, splits = text_em_splits(data, _em_train_captions(data.train_captions, 0), seed=0)
+    assert list(splits) == ["trained", "fresh", "heldout"]
+    student = set(train.captions)
+    assert set(splits["trained"]) <= student and not set(splits["trained"]) & set(fit)
+    assert not set(splits["fresh"]) & student and len(set(splits["fresh"])) == len(splits["fresh"]) == len(
+        splits["trained"])
+    held = {tuple(c) for c in train.meta["heldout_combos"]}
+
+    def combos(caption):
+        s = parse_caption(caption)
+        return {(s.color_a, s.shape_a), (s.color_b, s.shape_b)}
+
+    assert all(not combos(c) & held for c in splits["fresh"])
+    assert all(combos(c) & held for c in splits["heldout"])

@@ -65,37 +65,49 @@ def _zeroshot(model, dataset, batch_size: int, image_emb: torch.Tensor | None = 
     return zeroshot.zeroshot_accuracy(model, dataset, batch_size, image_emb=image_emb)
 
 
-TEXT_EM_IN_DIST_MAX = 1000  # held-back training captions for the in-distribution EM split
+TEXT_EM_IN_DIST_MAX = 1000  # captions per synthetic evaluation split (trained, fresh) of the EM probe
+# the probe's splits -> the suffix of their report keys (text_em<suffix>, text_token_acc<suffix>, ...)
+TEXT_EM_SPLIT_KEYS = {"trained": "", "in_distribution": "", "fresh": "_fresh", "heldout": "_heldout"}
 
 
 def text_em_splits(data: "EvalData", em_train: list[str], seed: int) -> tuple[list[str], dict]:
     """(probe-fit captions, {split: captions}) for the text-reconstruction probe (Kamath et al.).
 
-    ``in_distribution``: training-distribution captions held back from the probe's fit (on real data, the
-    val captions, which come from the same distribution). ``heldout``: on the synthetic set, the val
-    captions, every one of which names a colour-shape pair never seen in training.
+    Real data: ``in_distribution``, the val captions (same distribution, never trained on). The synthetic set
+    has three: ``trained``, captions the student trained on, held back from the probe's fit; ``fresh``, new
+    captions of seen colour-shape combinations that occur nowhere in training (:func:`kclip.synthetic.
+    fresh_captions`); ``heldout``, the val captions, each naming a colour-shape pair never seen in training.
     """
     if data.synthetic is None:
         return em_train, {"in_distribution": list(data.val.captions)}
+    from kclip.synthetic import fresh_captions
+
+    train = data.synthetic[0]
     n_eval = min(TEXT_EM_IN_DIST_MAX, max(1, len(set(em_train)) // 5))
-    fit, in_dist = text_em.split_captions(em_train, n_eval, seed)
-    return fit, {"in_distribution": in_dist, "heldout": list(data.val.captions)}
+    fit, trained = text_em.split_captions(em_train, n_eval, seed)
+    fresh = fresh_captions(train.meta, train.captions, n_eval, seed)
+    return fit, {"trained": trained, "fresh": fresh, "heldout": list(data.val.captions)}
 
 
 def _text_em(encoders: Mapping[str, object], fit: list[str], splits: dict, steps: int, seed: int, batch_size: int,
              progress: bool) -> dict:
     """Table 1: one autoencoder-trained, frozen decoder; a linear map + LayerNorm per frozen encoder.
     ``steps`` trains the autoencoder, half of it each map."""
+    from kclip.synthetic import slot_hits
+
     return text_em.text_em_table(encoders, fit, splits, seed=seed, ae_steps=steps, map_steps=max(50, steps // 2),
-                                 embed_batch_size=batch_size, progress=progress)
+                                 embed_batch_size=batch_size, progress=progress,
+                                 slot_fn=slot_hits if "trained" in splits else None)
 
 
 def _em_fields(row: dict) -> dict:
-    """The report fields of one encoder's probe row: EM and token accuracy per split."""
-    sp = row["splits"]
-    out = {"text_em": sp["in_distribution"]["em"], "text_token_acc": sp["in_distribution"]["token_acc"]}
-    if "heldout" in sp:
-        out.update(text_em_heldout=sp["heldout"]["em"], text_token_acc_heldout=sp["heldout"]["token_acc"])
+    """The report fields of one encoder's probe row: EM, token accuracy and (synthetic) slot accuracy per split."""
+    out = {}
+    for split, m in row["splits"].items():
+        suffix = TEXT_EM_SPLIT_KEYS[split]
+        out.update({f"text_em{suffix}": m["em"], f"text_token_acc{suffix}": m["token_acc"]})
+        if "slot_acc" in m:
+            out[f"text_slot_acc{suffix}"] = m["slot_acc"]
     return out
 
 

@@ -36,6 +36,10 @@ class CachedTeacherTexts:
             for i, caption in enumerate(captions):
                 self._rows.setdefault(caption, (s, i))
 
+    def covers(self, texts: Sequence[str]) -> bool:
+        """Whether every one of ``texts`` is cached (evaluations skip a caption split it does not cover)."""
+        return all(t in self._rows for t in texts)
+
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """(n, d') float32: the cached targets of ``texts`` (one gather per split, not one read per caption)."""
         missing = [t for t in texts if t not in self._rows]

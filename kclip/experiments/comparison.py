@@ -272,15 +272,16 @@ def execute(spec: RunSpec, run_fn: Callable | None = None, resume: bool = True, 
                                   what=f"run {spec.name}")
     result = RunResult(spec, report, reused, 0.0, 0.0)
     path = spec.run_dir / PER_IMAGE_FILE
-    if hits and (spec.run_dir / "data" / "val.csv").is_file() and (spec.run_dir / "student.safetensors").is_file():
-        if not (resume and path.is_file()):
-            from kclip.config import load_config
-            from kclip.model import ClipEncoders, build_clip
+    can_score = (spec.run_dir / "data" / "val.csv").is_file() and (spec.run_dir / "student.safetensors").is_file()
+    if hits and can_score and not (resume and path.is_file()):
+        from kclip.config import load_config
+        from kclip.model import ClipEncoders, build_clip
 
-            cfg = load_config(spec.base_config, list(spec.overrides))
-            model, _, preprocess, tokenizer = build_clip(cfg.model.name, str(spec.run_dir / "student.safetensors"))
-            enc = ClipEncoders("after", model, preprocess, tokenizer, "cpu", cfg.eval.batch_size)
-            _save_hits(path, per_image_hits(enc, spec.run_dir / "data", cfg.seed, cfg.eval.batch_size))
+        cfg = load_config(spec.base_config, list(spec.overrides))
+        model, _, preprocess, tokenizer = build_clip(cfg.model.name, str(spec.run_dir / "student.safetensors"))
+        enc = ClipEncoders("after", model, preprocess, tokenizer, "cpu", cfg.eval.batch_size)
+        _save_hits(path, per_image_hits(enc, spec.run_dir / "data", cfg.seed, cfg.eval.batch_size))
+    if hits and path.is_file():  # a committed run keeps only its result and hits files
         result.hits_path = path
         result.hits_problems = _check_hits(load_hits(path), flatten_metrics(report["models"]["after"]))
     result.seconds, result.cpu_seconds = time.perf_counter() - t0, _cpu_seconds() - c0
@@ -592,8 +593,8 @@ def run_comparison(out_dir: str | Path, teachers: Sequence[str] = CONFIRMATORY_T
         "confirmatory": confirmatory(results, seeds),
         "teachers": summary, "runs": runs,
     }
-    # what is committed: comparison.json / .md; the runs, the phase-1 start and the caches are not
-    atomic_write_text(out_dir / ".gitignore", "runs/\npretrain-*/\nteacher_cache/\n")
+    # what is committed: comparison.json / .md and each run's result and hits (a resumed comparison reuses them)
+    atomic_write_text(out_dir / ".gitignore", GITIGNORE)
     atomic_write_json(out_dir / "comparison.json", _clean(result), sort_keys=False)
     atomic_write_text(out_dir / "comparison.md", render_markdown(result))
     say(f"wrote {out_dir / 'comparison.md'} and comparison.json ({result['wall_seconds']:.0f} s)")
@@ -627,6 +628,10 @@ def _teach(spec: RunSpec) -> dict:
             "threads": spec.threads}
 
 
+# what of <out> git keeps: the summary, each run's result and hits, each phase-1 start's times (a later session
+# resumes from them); the students, data, checkpoints and teacher caches stay out
+GITIGNORE = ("runs/*/*\n!runs/*/" + RESULT_FILE + "\n!runs/*/" + PER_IMAGE_FILE + "\npretrain-*/*\n!pretrain-*/"
+             + PRETRAIN_INFO + "\nteacher_cache/\n")
 _DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -639,13 +644,35 @@ def _in_worker(fn, *args):
     return fn(*args)
 
 
+def _finished(spec: RunSpec, resume: bool, hits: bool) -> bool:
+    """A run whose result (and hits) are on disk: it needs neither its teacher cache nor its phase-1 start."""
+    return resume and (spec.run_dir / RESULT_FILE).is_file() and (not hits or (spec.run_dir / PER_IMAGE_FILE).is_file())
+
+
+def _start_of(spec: RunSpec) -> Path:
+    return Path(next(o.split("=", 1)[1] for o in spec.overrides if o.startswith("model.pretrained="))).parent
+
+
+@dataclass
+class _Task:
+    fn: Callable
+    args: tuple
+    deps: set
+    done: Callable
+
+
 def _run_all(pres: Sequence[RunSpec], specs: list[RunSpec], jobs: int, resume: bool, say: Callable[[str], None],
              hits: bool = True, keep_checkpoints: bool = False) -> tuple[list[dict], list, list[RunResult]]:
-    """Phase 1 (every start in ``pres``), then every run: in this process (jobs = 1), or ``jobs`` at a time in
-    worker processes, where the teacher caches are built beside phase 1 (one run per cache embeds it first) and
-    the runs follow. Returns (phase-1 infos in the order of ``pres``, caches built, results)."""
+    """Phase 1, the teacher caches and every run, seed by seed: a run starts once its cache and its phase-1 start
+    exist, and the next seed's caches and start are built beside the current seed's runs, so an interrupted
+    comparison leaves whole seeds behind. A run already finished (``resume``) needs neither, so a comparison
+    resumed from committed results builds only what its unfinished runs need. In this process (jobs = 1) or
+    ``jobs`` tasks at a time in worker processes. Returns (phase-1 infos in the order of ``pres``, caches built,
+    results)."""
     n = len(specs)
     done: list[RunResult] = []
+    caches: list[dict] = []
+    pre_info: dict[Path, dict] = {}
 
     def report(r: RunResult) -> None:
         done.append(r)
@@ -654,52 +681,68 @@ def _run_all(pres: Sequence[RunSpec], specs: list[RunSpec], jobs: int, resume: b
                           for k in ("retrieval.i2t_r1", "attribute_heldout_top1", "distill_r2") if k in m)
         say(f"[{len(done)}/{n}] {r.spec.name}: {'reused' if r.reused else f'{r.seconds:.0f} s'} ({brief})")
 
-    def pretrained(pre: RunSpec, info: dict) -> dict:
-        say(f"phase 1: {'reused' if info['reused'] else 'built in %.0f s' % info['seconds']} {pre.run_dir}")
-        return info
-
-    first = {}
-    for spec in specs:
-        first.setdefault(_cache_of(spec), spec)
-    todo = {c: s for c, s in first.items() if not _cache_ready(c)}  # teachers first: a missing one fails early
-    for s in todo.values():
-        say(f"teacher cache {_cache_of(s)}: embedding (in {s.run_dir})")
-    caches = []
+    def pretrained(pre: RunSpec):
+        def record(info: dict) -> None:
+            pre_info[pre.run_dir] = info
+            say(f"phase 1: {'reused' if info['reused'] else 'built in %.0f s' % info['seconds']} {pre.run_dir}")
+        return record
 
     def taught(info: dict) -> None:
         caches.append(info)
         say(f"teacher cache {info['cache']}: {info['seconds']:.0f} s")
 
+    by_dir = {p.run_dir: p for p in pres}
+    tasks: dict[str, _Task] = {}  # insertion order = priority: seed by seed, cache and start before the runs
+    for spec in specs:
+        if _finished(spec, resume, hits):
+            tasks[f"run:{spec.name}"] = _Task(execute, (spec, None, resume, hits, keep_checkpoints), set(), report)
+            continue
+        deps = set()
+        cache = _cache_of(spec)
+        if not _cache_ready(cache):
+            if f"teach:{cache}" not in tasks:
+                say(f"teacher cache {cache}: to embed (in {spec.run_dir})")
+                tasks[f"teach:{cache}"] = _Task(_teach, (spec,), set(), taught)
+            deps.add(f"teach:{cache}")
+        pre = by_dir[_start_of(spec)]
+        tasks.setdefault(f"pretrain:{pre.run_dir}", _Task(pretrain, (pre, resume, keep_checkpoints), set(),
+                                                          pretrained(pre)))
+        deps.add(f"pretrain:{pre.run_dir}")
+        tasks[f"run:{spec.name}"] = _Task(execute, (spec, None, resume, hits, keep_checkpoints), deps, report)
+    skipped = [p.run_dir for p in pres if f"pretrain:{p.run_dir}" not in tasks]
+    if skipped:
+        say(f"phase 1: {len(skipped)} start(s) not needed (every run from them is finished)")
+    for d in skipped:
+        info_path = d / PRETRAIN_INFO
+        pre_info[d] = {**(json.loads(info_path.read_text()) if info_path.is_file() else {}), "reused": True}
+
+    finished: set[str] = set()
     if jobs <= 1:
-        for s in todo.values():
-            taught(_teach(s))
-        pre_info = [pretrained(pre, pretrain(pre, resume, keep_checkpoints)) for pre in pres]
-        for spec in specs:
-            say(f"[{len(done) + 1}/{n}] {spec.name}: {'checking' if resume else 'running'} ({spec.run_dir})")
-            report(execute(spec, resume=resume, hits=hits, keep_checkpoints=keep_checkpoints))
-        return pre_info, caches, done
+        for key, task in tasks.items():  # in order, so every task's dependencies ran before it
+            if key.startswith("run:"):
+                say(f"[{len(done) + 1}/{n}] {key[4:]}: {'checking' if resume else 'running'}")
+            task.done(task.fn(*task.args))
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    import multiprocessing as mp
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
-    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
-        teach = [pool.submit(_in_worker, _teach, s) for s in todo.values()]
-        pre_futures = [pool.submit(_in_worker, pretrain, pre, resume, keep_checkpoints) for pre in pres]
-        for f in teach:
-            taught(f.result())
-        pre_info = [pretrained(pre, f.result()) for pre, f in zip(pres, pre_futures)]
-        pending, running = list(specs), {}
-        while pending or running:
-            while pending and len(running) < jobs:
-                spec = pending.pop(0)
-                say(f"start {spec.name} ({spec.run_dir})")
-                running[pool.submit(_in_worker, execute, spec, None, resume, hits, keep_checkpoints)] = spec
-            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
-            for f in finished:
-                running.pop(f)
-                report(f.result())
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+            running: dict = {}
+            while tasks or running:
+                for key in [k for k, t in tasks.items() if t.deps <= finished]:
+                    if len(running) >= jobs:
+                        break
+                    task = tasks.pop(key)
+                    if key.startswith("run:") and not _finished(task.args[0], resume, hits):
+                        say(f"start {key[4:]}")
+                    running[pool.submit(_in_worker, task.fn, *task.args)] = (key, task)
+                ready, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for f in ready:
+                    key, task = running.pop(f)
+                    task.done(f.result())
+                    finished.add(key)
     order = {s.name: i for i, s in enumerate(specs)}
-    return pre_info, caches, sorted(done, key=lambda r: order[r.spec.name])
+    return [pre_info[p.run_dir] for p in pres], caches, sorted(done, key=lambda r: order[r.spec.name])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

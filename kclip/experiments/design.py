@@ -97,10 +97,17 @@ METRICS: list[tuple[str, str]] = [
     ("attribute_top1", "attribute zero-shot top-1"),
     ("attribute_heldout_top1", "held-out combos top-1"),
     ("compositional.mean", "hard negatives: mean"),
-    ("text_em", "text EM (in-distribution)"),
+    # the text probe's three splits (kclip.eval.run.text_em_splits): captions trained on, fresh captions of seen
+    # combinations, held-out combinations; slot accuracy scores the content whatever the phrasing
+    ("text_em", "text EM (trained captions)"),
+    ("text_em_fresh", "text EM (fresh captions)"),
     ("text_em_heldout", "text EM (held-out combos)"),
-    ("text_token_acc", "text token acc. (in-distribution)"),
+    ("text_token_acc", "text token acc. (trained captions)"),
+    ("text_token_acc_fresh", "text token acc. (fresh captions)"),
     ("text_token_acc_heldout", "text token acc. (held-out combos)"),
+    ("text_slot_acc", "text slot acc. (trained captions)"),
+    ("text_slot_acc_fresh", "text slot acc. (fresh captions)"),
+    ("text_slot_acc_heldout", "text slot acc. (held-out combos)"),
     ("distill_r2", "held-out distillation R^2"),
 ]
 IMAGE_LEVEL = ("retrieval.i2t_r1", "retrieval.i2t_r5", "retrieval.t2i_r1", "retrieval.t2i_r5", "attribute_top1",
