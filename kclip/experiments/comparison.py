@@ -745,6 +745,11 @@ def _run_all(pres: Sequence[RunSpec], specs: list[RunSpec], jobs: int, resume: b
     return [pre_info[p.run_dir] for p in pres], caches, sorted(done, key=lambda r: order[r.spec.name])
 
 
+def _git_rev() -> str:
+    from kclip.eval.run import _git_rev as rev
+    return rev()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m kclip.experiments.comparison",
                                 description="The paper's comparison on the embedded default: arms (a) contrastive, "
@@ -789,7 +794,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-def _git_rev() -> str:
-    from kclip.eval.run import _git_rev as rev
-    return rev()
