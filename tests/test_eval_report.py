@@ -44,7 +44,8 @@ def evaluated(tmp_path_factory):
 
 def test_report_files_and_keys(evaluated):
     report, out, _ = evaluated
-    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md", "report.png"]  # no temp files left
+    assert sorted(p.name for p in out.iterdir()) == ["per_image_after.npz", "per_image_before.npz", "report.json",
+                                                     "report.md", "report.png"]  # no temp files left
     on_disk = json.loads((out / "report.json").read_text())  # strict JSON (no NaN)
     assert set(on_disk) == {"models", "teacher", "baselines", "chance", "concepts", "evaluations", "provenance",
                             "text_em_probe", "distillation"}
@@ -202,3 +203,20 @@ def test_text_em_splits_mean_what_they_say(tmp_path):
 
     assert all(not combos(c) & held for c in splits["fresh"])
     assert all(combos(c) & held for c in splits["heldout"])
+
+
+def test_per_image_hits_reproduce_every_image_level_metric(evaluated):
+    """The evaluators' per-item results, written beside the report, give back the report's numbers exactly: a
+    driver that resamples images (the comparison's bootstrap) reads them instead of scoring again."""
+    from kclip.eval.hits import load_hits
+    from kclip.experiments.stats import ratio_metric
+
+    report, out, _ = evaluated
+    for name in ("before", "after"):
+        per_image = load_hits(out / f"per_image_{name}.npz")
+        flat = flatten_metrics(report["models"][name])
+        assert {"retrieval.i2t_r1", "retrieval.t2i_r5", "attribute_top1", "attribute_heldout_top1",
+                "compositional.mean"} <= set(per_image)
+        for key, (num, den) in per_image.items():
+            assert num.shape == den.shape and num.shape[0] == report["provenance"]["n_val_images"]
+            assert float(ratio_metric(num, den)) == pytest.approx(flat[key], rel=1e-6, abs=1e-6), (name, key)  # float32

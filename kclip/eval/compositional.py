@@ -111,14 +111,10 @@ def accuracy_from_scores(true_scores: Sequence[float], neg_scores: Mapping[str, 
     return out
 
 
-def compositional_accuracy(encoder, images: Sequence, items: Sequence[Mapping[str, str | None]], batch_size: int = 256,
-                           image_emb: torch.Tensor | None = None) -> dict:
-    """Hard-negative accuracy of ``encoder`` (percent): true caption vs each negative, per type.
-
-    Args:
-        images: (N,) image paths / PIL images, aligned with ``items`` (from :func:`build_items`).
-        image_emb: (N, D) precomputed normalised image embeddings (skips encoding).
-    """
+def compositional_scores(encoder, images: Sequence, items: Sequence[Mapping[str, str | None]], batch_size: int = 256,
+                         image_emb: torch.Tensor | None = None) -> tuple[list[float], dict[str, list]]:
+    """(true_scores (N,), type -> (N,) negative scores, None where an image has none of that type): what
+    :func:`accuracy_from_scores` takes. Arguments as :func:`compositional_accuracy`."""
     if image_emb is None:
         image_emb = encode_images(encoder, images, batch_size)  # (N, D)
     if image_emb.shape[0] != len(items):
@@ -134,8 +130,18 @@ def compositional_accuracy(encoder, images: Sequence, items: Sequence[Mapping[st
     sims = (image_emb.float()[rows] * emb).sum(dim=1).tolist()  # (T,)
     table: dict[tuple[int, str], float] = {w: s for w, s in zip(where, sims)}
     true_scores = [table[(i, "true")] for i in range(len(items))]
-    neg = {t: [table.get((i, t)) for i in range(len(items))] for t in NEGATIVE_TYPES}
-    return accuracy_from_scores(true_scores, neg)
+    return true_scores, {t: [table.get((i, t)) for i in range(len(items))] for t in NEGATIVE_TYPES}
+
+
+def compositional_accuracy(encoder, images: Sequence, items: Sequence[Mapping[str, str | None]], batch_size: int = 256,
+                           image_emb: torch.Tensor | None = None) -> dict:
+    """Hard-negative accuracy of ``encoder`` (percent): true caption vs each negative, per type.
+
+    Args:
+        images: (N,) image paths / PIL images, aligned with ``items`` (from :func:`build_items`).
+        image_emb: (N, D) precomputed normalised image embeddings (skips encoding).
+    """
+    return accuracy_from_scores(*compositional_scores(encoder, images, items, batch_size, image_emb))
 
 
 def _tokens(text: str) -> list[str]:

@@ -34,21 +34,12 @@ def _as_index(text_to_image, n_texts: int, n_images: int | None = None) -> torch
     return t2i
 
 
-def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image, ks: Sequence[int] = (1, 5, 10)) -> dict:
-    """Recall@K for image->text and text->image retrieval, in percent.
-
-    Args:
-        image_emb: image embeddings.
-        text_emb: caption embeddings (same D).
-        text_to_image: for each caption, the index of its image.
-        ks: the K values.
+def retrieval_ranks(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image) -> tuple:
+    """Per query, how many wrong items score at or above the right one (0 = a hit at R@1; ties count against).
 
     Shapes:
-        image_emb (Ni, D), text_emb (Nt, D), text_to_image (Nt,) int.
-
-    Returns:
-        {"i2t_r1": ..., "i2t_r5": ..., "t2i_r1": ..., ..., "n_images": Ni, "n_texts": Nt}. Images with
-        no caption are skipped for i2t (and counted in ``n_images_without_text``).
+        image_emb (Ni, D), text_emb (Nt, D), text_to_image (Nt,) int -> (i2t_rank (Ni,), t2i_rank (Nt,),
+        has_text (Ni,) bool); an image with no caption has no i2t rank (its entry is meaningless).
     """
     image_emb = image_emb.float()  # (Ni, D)
     text_emb = text_emb.float()  # (Nt, D)
@@ -73,7 +64,13 @@ def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_im
         idx = t2i[s:s + sim.shape[0]]  # (c,)
         pos = sim.gather(1, idx[:, None])  # (c, 1)
         t2i_rank[s:s + sim.shape[0]] = (sim >= pos).sum(dim=1) - 1  # minus the true image itself
+    return i2t_rank, t2i_rank, has_text
 
+
+def recall_from_ranks(i2t_rank: torch.Tensor, t2i_rank: torch.Tensor, has_text: torch.Tensor,
+                      ks: Sequence[int] = (1, 5, 10)) -> dict:
+    """The recalls of :func:`retrieval_recall` from the ranks of :func:`retrieval_ranks`."""
+    nt = t2i_rank.numel()
     out: dict = {}
     valid = i2t_rank[has_text]
     for k in ks:
@@ -85,6 +82,25 @@ def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_im
     if int((~has_text).sum()):
         out["n_images_without_text"] = int((~has_text).sum())
     return out
+
+
+def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image, ks: Sequence[int] = (1, 5, 10)) -> dict:
+    """Recall@K for image->text and text->image retrieval, in percent.
+
+    Args:
+        image_emb: image embeddings.
+        text_emb: caption embeddings (same D).
+        text_to_image: for each caption, the index of its image.
+        ks: the K values.
+
+    Shapes:
+        image_emb (Ni, D), text_emb (Nt, D), text_to_image (Nt,) int.
+
+    Returns:
+        {"i2t_r1": ..., "i2t_r5": ..., "t2i_r1": ..., ..., "n_images": Ni, "n_texts": Nt}. Images with
+        no caption are skipped for i2t (and counted in ``n_images_without_text``).
+    """
+    return recall_from_ranks(*retrieval_ranks(image_emb, text_emb, text_to_image), ks)
 
 
 def caption_retrieval(text_emb: torch.Tensor, text_to_image, ks: Sequence[int] = (1, 5)) -> dict:

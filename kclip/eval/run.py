@@ -33,7 +33,7 @@ import torch
 
 from kclip.stamps import git_revision
 
-from . import compositional, concept_stats, retrieval, text_em, zeroshot
+from . import compositional, concept_stats, hits, retrieval, text_em, zeroshot
 from .encoders import encode_images, encode_texts, encoder_name
 from .report import write_report
 from .synthetic_split import SyntheticSplit, read_split
@@ -262,28 +262,41 @@ def _resolve_concepts(concept_labels, data: EvalData, k: int | None) -> dict:
     return stats
 
 
-def _evaluate_model(model, data: EvalData, zs_sets: dict, items, batch_size: int, caption_retrieval: bool) -> dict:
+def _evaluate_model(model, data: EvalData, zs_sets: dict, items, batch_size: int,
+                    caption_retrieval: bool) -> tuple[dict, dict]:
+    """(the model's report entry, its per-image hits: :mod:`kclip.eval.hits`)."""
     t0 = time.perf_counter()
     val = data.val
     img = encode_images(model, val.images, batch_size)                                  # (Ni, D)
     txt_raw = encode_texts(model, val.captions, batch_size, normalize=False)           # (Nt, D)
     txt = torch.nn.functional.normalize(txt_raw, dim=-1)                               # (Nt, D)
-    entry: dict = {"retrieval": retrieval.retrieval_recall(img, txt, val.text_to_image)}
+    ranks = retrieval.retrieval_ranks(img, txt, val.text_to_image)
+    entry: dict = {"retrieval": retrieval.recall_from_ranks(*ranks)}
+    per_image = hits.retrieval_hits(*ranks, val.text_to_image)
     if caption_retrieval:
         entry["caption_retrieval"] = retrieval.caption_retrieval(txt, val.text_to_image)
     if "attribute" in zs_sets:
-        zsr = _zeroshot(model, zs_sets["attribute"], batch_size, image_emb=img)
+        zs = zs_sets["attribute"]
+        scores = zeroshot.class_scores(model, zs, batch_size, image_emb=img)           # (Ni, C)
+        zsr = zeroshot.zeroshot_metrics(scores, zs)
         entry.update(attribute_top1=zsr["top1"], attribute_top5=zsr["top5"],
                      attribute_heldout_top1=zsr.get("heldout_top1"), attribute_heldout_top5=zsr.get("heldout_top5"),
                      zeroshot_detail=zsr)
+        for k, h in hits.topk_hits(zeroshot.topk_ranks(scores, zs.labels)).items():
+            per_image[f"attribute_top{k}"] = h
+        if zs.heldout_classes:
+            held = zeroshot.topk_ranks(scores, zeroshot.heldout_labels(zs), ignore=zs.labels)
+            for k, h in hits.topk_hits(held).items():
+                per_image[f"attribute_heldout_top{k}"] = h
     if items is not None:
-        entry["compositional"] = compositional.compositional_accuracy(model, val.images, items, batch_size,
-                                                                      image_emb=img)
+        scored = compositional.compositional_scores(model, val.images, items, batch_size, image_emb=img)
+        entry["compositional"] = compositional.accuracy_from_scores(*scored)
+        per_image["compositional.mean"] = hits.compositional_hits(*scored)
     for name in ("cub", "awa2"):
         if name in zs_sets:
             entry[name] = _zeroshot(model, zs_sets[name], batch_size)
     entry["seconds"] = time.perf_counter() - t0
-    return entry
+    return entry, per_image
 
 
 def _em_train_captions(captions: list[str], seed: int) -> list[str]:
@@ -352,7 +365,8 @@ def run_eval(models: Mapping[str, object], data: EvalData | str | Path, out_dir:
 
     Returns:
         the report dict (also written as report.json): {"models": {name: metrics}, "teacher",
-        "baselines", "chance", "concepts", "evaluations", "provenance"}.
+        "baselines", "chance", "concepts", "evaluations", "provenance"}. Each model's per-image hits
+        (:mod:`kclip.eval.hits`) are written beside it as ``per_image_<name>.npz``.
     """
     from tqdm.auto import tqdm
 
@@ -371,8 +385,10 @@ def run_eval(models: Mapping[str, object], data: EvalData | str | Path, out_dir:
     concepts = _resolve_concepts(concept_labels, data, concept_k) if concept_labels is not None else None
 
     report: dict = {"models": {}}
+    per_image = {}
     for name, model in tqdm(list(models.items()), desc="eval models", disable=not progress, leave=False):
-        report["models"][name] = _evaluate_model(model, data, zs_sets, items, batch_size, caption_retrieval)
+        report["models"][name], per_image[name] = _evaluate_model(model, data, zs_sets, items, batch_size,
+                                                                  caption_retrieval)
     fit, em_splits = text_em_splits(data, em_train, seed)
     probe = _text_em({**models, **({"teacher": teacher} if teacher is not None else {})}, fit, em_splits,
                      text_em_steps, seed, batch_size, progress)
@@ -423,4 +439,6 @@ def run_eval(models: Mapping[str, object], data: EvalData | str | Path, out_dir:
         "runtime_s": time.perf_counter() - t0,
     }
     write_report(report, out_dir)  # the caller prints format_table(report) (the pipeline does, once)
+    for name, h in per_image.items():  # what each image contributes to each image-level metric
+        hits.save_hits(Path(out_dir) / hits.HITS_FILE.format(model=name), h)
     return report

@@ -118,19 +118,12 @@ class ZeroShotSet:
                 "n_prompts_per_class_mean": sum(per) / len(per), "n_prompts_per_class_max": max(per)}
 
 
-def topk_accuracy(scores: torch.Tensor, labels: Sequence[Sequence[int]], ks: Sequence[int] = (1, 5),
-                  ignore: Sequence[Sequence[int]] | None = None) -> dict:
-    """Top-k accuracy (percent) where each row may have several true classes (any one suffices).
+def topk_ranks(scores: torch.Tensor, labels: Sequence[Sequence[int]],
+               ignore: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+    """Per row, the wrong classes scoring at or above its best true class (0 = a top-1 hit; ties count
+    against); -1 for a row with no label. ``ignore``: see :func:`topk_accuracy`.
 
-    Args:
-        ignore: per row, classes that are neither true nor competitors (they are left out of the
-            ranking), e.g. an image's *other* true classes when only its held-out ones count.
-
-    Shapes:
-        scores (N, C); labels, ignore: N sequences of class ids (a row with no label is skipped).
-
-    Returns:
-        {"top1": ..., "top5": ..., "n_images": number of rows with a label}.
+    Shapes: scores (N, C) -> (N,) int64.
     """
     n, c = scores.shape
     if len(labels) != n:
@@ -146,12 +139,30 @@ def topk_accuracy(scores: torch.Tensor, labels: Sequence[Sequence[int]], ks: Seq
         for l in ls:
             skip[i, int(l)] = True
     skip &= ~true
-    keep = true.any(dim=1)  # (N,)
-    scores, true, skip = scores[keep].float(), true[keep], skip[keep]
-    best_true = scores.masked_fill(~true, float("-inf")).amax(dim=1, keepdim=True)  # (n, 1)
-    rank = ((scores >= best_true) & ~true & ~skip).sum(dim=1)  # (n,) wrong classes at or above the best true one
+    scores = scores.float()
+    best_true = scores.masked_fill(~true, float("-inf")).amax(dim=1, keepdim=True)  # (N, 1)
+    rank = ((scores >= best_true) & ~true & ~skip).sum(dim=1)  # (N,) wrong classes at or above the best true one
+    return rank.masked_fill(~true.any(dim=1), -1)
+
+
+def topk_accuracy(scores: torch.Tensor, labels: Sequence[Sequence[int]], ks: Sequence[int] = (1, 5),
+                  ignore: Sequence[Sequence[int]] | None = None) -> dict:
+    """Top-k accuracy (percent) where each row may have several true classes (any one suffices).
+
+    Args:
+        ignore: per row, classes that are neither true nor competitors (they are left out of the
+            ranking), e.g. an image's *other* true classes when only its held-out ones count.
+
+    Shapes:
+        scores (N, C); labels, ignore: N sequences of class ids (a row with no label is skipped).
+
+    Returns:
+        {"top1": ..., "top5": ..., "n_images": number of rows with a label}.
+    """
+    rank = topk_ranks(scores, labels, ignore)
+    rank = rank[rank >= 0]  # (n,) the rows with a label
     out = {f"top{k}": (100.0 * (rank < k).float().mean().item() if rank.numel() else float("nan")) for k in ks}
-    out["n_images"] = int(keep.sum())
+    out["n_images"] = int(rank.numel())
     return out
 
 
@@ -222,7 +233,19 @@ def zeroshot_accuracy(encoder, dataset: ZeroShotSet, batch_size: int = 256, ks: 
         "n_prompts_per_class_mean", "n_prompts_per_class_max"} (+ "prompt_template" when the set records
         one) plus, when the set has held-out classes, {"heldout_top1", "heldout_top5", "heldout_n_images"}.
     """
-    scores = class_scores(encoder, dataset, batch_size, image_emb, protocol)  # (N, C)
+    return zeroshot_metrics(class_scores(encoder, dataset, batch_size, image_emb, protocol), dataset, ks, protocol)
+
+
+def heldout_labels(dataset: ZeroShotSet) -> list[tuple]:
+    """Per image, its held-out classes only (the held-out metrics' labels; the image's other classes are
+    passed as ``ignore``: a model that sees both objects equally well must not be penalised for them)."""
+    held = set(dataset.heldout_classes)
+    return [tuple(l for l in ls if l in held) for ls in dataset.labels]
+
+
+def zeroshot_metrics(scores: torch.Tensor, dataset: ZeroShotSet, ks: Sequence[int] = (1, 5),
+                     protocol: str = "paper") -> dict:
+    """The result of :func:`zeroshot_accuracy` from the class scores of :func:`class_scores` (N, C)."""
     out = topk_accuracy(scores, dataset.labels, ks)
     out["n_classes"] = len(dataset.class_names)
     out["protocol"] = protocol
@@ -230,11 +253,7 @@ def zeroshot_accuracy(encoder, dataset: ZeroShotSet, batch_size: int = 256, ks: 
     if dataset.template:
         out["prompt_template"] = dataset.template
     if dataset.heldout_classes:
-        held = set(dataset.heldout_classes)
-        held_labels = [tuple(l for l in ls if l in held) for ls in dataset.labels]
-        # the image's other (seen) combo is neither a hit nor a competitor: a model that sees both
-        # objects equally well must not be penalised for it
-        sub = topk_accuracy(scores, held_labels, ks, ignore=dataset.labels)
+        sub = topk_accuracy(scores, heldout_labels(dataset), ks, ignore=dataset.labels)
         out.update({f"heldout_{k}": v for k, v in sub.items() if k != "n_images"})
         out["heldout_n_images"] = sub["n_images"]
     return out

@@ -56,8 +56,9 @@ for the image-level metrics: a paired
 bootstrap over validation images (captions move with their image; 2000 resamples, the same resampled image
 positions for every seed (with per-seed data, different images at those positions), the seed-mean difference
 recomputed), i.e. how much the difference would move on another
-draw of validation images of the same trained models. Per-image hits are recomputed from each run's exported
-student and checked against its report (equal means, or the bootstrap of that metric is left out).
+draw of validation images of the same trained models. The per-image hits come from the evaluators themselves
+(``run_eval`` writes them beside the report: :mod:`kclip.eval.hits`) and are checked against the report (equal
+means, or the bootstrap of that metric is left out).
 
 Outputs (atomic, ``kclip.atomic``): ``comparison.json`` (everything, per-seed values included) and
 ``comparison.md`` (the exact command, git revision, library versions, machine, wall and CPU time, then per
@@ -96,7 +97,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from kclip.atomic import atomic_path, atomic_write_json, atomic_write_text
+from kclip.atomic import atomic_write_json, atomic_write_text
+from kclip.eval.hits import HITS_FILE, load_hits, save_hits
 from kclip.eval.report import flatten_metrics
 
 from .ablation import _clean, aggregate, run_or_reuse
@@ -108,87 +110,6 @@ from .stats import (holm, minimum_detectable_effect, paired_bootstrap, paired_di
                     ratio_metric)
 
 # ---------------------------------------------------------------------------------------- per-image hits
-
-
-def per_image_hits(encoder, data_dir: str | Path, seed: int, batch_size: int = 256) -> dict[str, tuple]:
-    """Per validation image, the hits and counts behind each image-level metric, for the paired bootstrap.
-
-    Same conventions as the report (``kclip.eval.retrieval``: ties count against the query; ``zeroshot``:
-    the paper protocol, held-out top-1 ranks only the held-out combos; ``compositional``: the items of
-    ``build_items(scenes, meta, seed)``).
-
-    Returns:
-        metric -> (num (Ni, C) float64, den (Ni, C) float64); ``ratio_metric(num, den)`` is the metric.
-    """
-    import torch
-
-    from kclip.eval import compositional, zeroshot
-    from kclip.eval.encoders import encode_images, encode_texts
-    from kclip.eval.synthetic_split import read_split
-
-    val = read_split(data_dir, "val")
-    ni = len(val.image_paths)
-    t2i = torch.tensor(val.text_to_image)                                              # (Nt,)
-    img = encode_images(encoder, val.image_paths, batch_size)                          # (Ni, D)
-    txt = encode_texts(encoder, val.captions, batch_size)                              # (Nt, D)
-    out: dict[str, tuple] = {}
-    ones = np.ones((ni, 1))
-
-    sim = img @ txt.T                                                                  # (Ni, Nt)
-    own = t2i[None, :] == torch.arange(ni)[:, None]                                    # (Ni, Nt)
-    best = sim.masked_fill(~own, float("-inf")).amax(1, keepdim=True)                  # (Ni, 1)
-    i2t_rank = ((sim >= best) & ~own).sum(1).numpy()                                   # (Ni,)
-    pos = sim.T.gather(1, t2i[:, None])                                                # (Nt, 1)
-    t2i_rank = ((sim.T >= pos).sum(1) - 1).numpy()                                     # (Nt,)
-    per_image = np.bincount(val.text_to_image, minlength=ni).astype(float)[:, None]    # (Ni, 1) captions per image
-    for k in (1, 5):
-        out[f"retrieval.i2t_r{k}"] = ((i2t_rank < k).astype(float)[:, None], ones)
-        hits = np.bincount(val.text_to_image, weights=(t2i_rank < k).astype(float), minlength=ni)[:, None]
-        out[f"retrieval.t2i_r{k}"] = (hits, per_image)
-
-    zs = zeroshot.synthetic_zeroshot_from_split(val)
-    scores = zeroshot.class_scores(encoder, zs, batch_size, image_emb=img)             # (Ni, C)
-    held = set(zs.heldout_classes)
-
-    def top1(labels, ignore):
-        num, den = np.zeros((ni, 1)), np.zeros((ni, 1))
-        for i, (ls, ig) in enumerate(zip(labels, ignore)):
-            if not ls:
-                continue
-            true = torch.zeros(scores.shape[1], dtype=torch.bool)
-            true[list(ls)] = True
-            skip = torch.zeros_like(true)
-            skip[list(ig)] = True
-            skip &= ~true
-            best_true = scores[i].masked_fill(~true, float("-inf")).max()
-            num[i, 0] = float(int(((scores[i] >= best_true) & ~true & ~skip).sum()) < 1)
-            den[i, 0] = 1.0
-        return num, den
-
-    out["attribute_top1"] = top1(zs.labels, [()] * ni)
-    if held:
-        out["attribute_heldout_top1"] = top1([tuple(l for l in ls if l in held) for ls in zs.labels], zs.labels)
-
-    items = compositional.build_items(val.scenes, val.meta, seed)
-    groups = list(compositional.GROUPS.items())
-    num, den = np.zeros((ni, len(groups))), np.zeros((ni, len(groups)))
-    texts, where = [], []
-    for i, it in enumerate(items):
-        for key in ("true", *compositional.NEGATIVE_TYPES):
-            if it.get(key) is not None:
-                where.append((i, key))
-                texts.append(it[key])
-    emb = encode_texts(encoder, texts, batch_size)                                     # (T, D)
-    rows = torch.tensor([i for i, _ in where])
-    score = dict(zip(where, (img[rows] * emb).sum(1).tolist()))
-    for i in range(ni):
-        for g, (_, types) in enumerate(groups):
-            for t in types:
-                if (i, t) in score:
-                    num[i, g] += float(score[(i, "true")] > score[(i, t)])
-                    den[i, g] += 1.0
-    out["compositional.mean"] = (num, den)
-    return out
 
 
 def _check_hits(hits: Mapping[str, tuple], metrics: Mapping[str, float]) -> dict[str, str]:
@@ -240,20 +161,6 @@ def _cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _save_hits(path: Path, hits: Mapping[str, tuple]) -> None:
-    arrays = {}
-    for k, (num, den) in hits.items():
-        arrays[f"{k}::num"], arrays[f"{k}::den"] = num, den
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez_compressed(f, **arrays)
-
-
-def load_hits(path: str | Path) -> dict[str, tuple]:
-    with np.load(path) as z:
-        keys = sorted({k.split("::")[0] for k in z.files})
-        return {k: (z[f"{k}::num"], z[f"{k}::den"]) for k in keys}
-
-
 def execute(spec: RunSpec, run_fn: Callable | None = None, resume: bool = True, hits: bool = True,
             keep_checkpoints: bool = False) -> RunResult:
     """Run (or reuse) one comparison run and record its per-image hits; safe to call in a worker process.
@@ -272,15 +179,9 @@ def execute(spec: RunSpec, run_fn: Callable | None = None, resume: bool = True, 
                                   what=f"run {spec.name}")
     result = RunResult(spec, report, reused, 0.0, 0.0)
     path = spec.run_dir / PER_IMAGE_FILE
-    can_score = (spec.run_dir / "data" / "val.csv").is_file() and (spec.run_dir / "student.safetensors").is_file()
-    if hits and can_score and not (resume and path.is_file()):
-        from kclip.config import load_config
-        from kclip.model import ClipEncoders, build_clip
-
-        cfg = load_config(spec.base_config, list(spec.overrides))
-        model, _, preprocess, tokenizer = build_clip(cfg.model.name, str(spec.run_dir / "student.safetensors"))
-        enc = ClipEncoders("after", model, preprocess, tokenizer, "cpu", cfg.eval.batch_size)
-        _save_hits(path, per_image_hits(enc, spec.run_dir / "data", cfg.seed, cfg.eval.batch_size))
+    evaluated = spec.run_dir / "eval" / HITS_FILE.format(model="after")  # written by run_eval beside its report
+    if hits and evaluated.is_file() and not (resume and path.is_file()):
+        save_hits(path, load_hits(evaluated))
     if hits and path.is_file():  # a committed run keeps only its result and hits files
         result.hits_path = path
         result.hits_problems = _check_hits(load_hits(path), flatten_metrics(report["models"]["after"]))
