@@ -169,13 +169,9 @@ def _measure(impl, fn, device, profile=False):
 
 def _autotune_best() -> str | None:
     """The forward kernel's autotune winner for the last shape it ran (what the timings above used)."""
-    try:
-        from kclip.kernels.projected_mse_loss import _forward_kernel
+    from kclip.kernels.projected_mse_loss import autotune_choice
 
-        best = getattr(_forward_kernel()[0], "best_config", None)
-        return None if best is None else str(best)
-    except Exception:  # noqa: BLE001 - reporting only
-        return None
+    return autotune_choice()
 
 
 def _ratio(num, den):

@@ -80,14 +80,14 @@ def flatten_metrics(entry: Mapping, prefix: str = "") -> dict[str, float]:
     return out
 
 
-def _clean(obj):
+def json_safe(obj):
     """JSON-safe copy: NaN/inf -> None, tuples -> lists, Paths -> str."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, Mapping):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
     return obj
@@ -165,7 +165,7 @@ def render_markdown(report: Mapping) -> str:
             lines += ["| attribute | NMI |", "|---|---:|"]
             lines += [f"| {k} | {v:.3f} |" for k, v in concepts["nmi"].items()] + [""]
     if prov:
-        lines += ["## Provenance", "", "```json", json.dumps(_clean(prov), indent=2), "```", ""]
+        lines += ["## Provenance", "", "```json", json.dumps(json_safe(prov), indent=2), "```", ""]
     return "\n".join(lines)
 
 
@@ -266,7 +266,7 @@ def write_report(report: Mapping, out_dir: str | Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "report.json", "md": out_dir / "report.md", "png": out_dir / "report.png"}
-    atomic_write_text(paths["json"], json.dumps(_clean(report), indent=2, allow_nan=False))
+    atomic_write_text(paths["json"], json.dumps(json_safe(report), indent=2, allow_nan=False))
     atomic_write_text(paths["md"], render_markdown(report))
     plot_report(report, paths["png"])
     return paths

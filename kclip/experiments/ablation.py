@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from kclip.atomic import atomic_write_text
-from kclip.eval.report import MAIN_ROWS, _clean, flatten_metrics
+from kclip.eval.report import MAIN_ROWS, flatten_metrics, json_safe
 
 VARIANTS: dict[str, list[str]] = {
     "contrastive": ["loss.alpha=0", "loss.beta=0", "loss.gamma=1"],
@@ -88,7 +88,7 @@ def run_or_reuse(base_config_path, overrides: Sequence[str], result_path: str | 
     report = dict(report)
     report.setdefault("ablation", {})["seconds"] = time.perf_counter() - t0
     Path(result_path).parent.mkdir(parents=True, exist_ok=True)  # a runner may not have made the run dir
-    atomic_write_text(result_path, json.dumps(_clean(report), indent=2, default=str))
+    atomic_write_text(result_path, json.dumps(json_safe(report), indent=2, default=str))
     return report, False
 
 
@@ -187,7 +187,7 @@ def run_ablation(base_config_path: str | Path, out_dir: str | Path, seeds: Seque
     summary = aggregate(per_variant)
     result = {"command": command, "base_config": str(base_config_path), "seeds": list(seeds),
               "variants": chosen, "summary": summary, "runs": runs}
-    atomic_write_text(out_dir / "ablation.json", json.dumps(_clean(result), indent=2))
+    atomic_write_text(out_dir / "ablation.json", json.dumps(json_safe(result), indent=2))
     atomic_write_text(out_dir / "ablation.md", render_markdown(summary, command, seeds))
     return result
 

@@ -99,9 +99,9 @@ import numpy as np
 
 from kclip.atomic import atomic_write_json, atomic_write_text
 from kclip.eval.hits import HITS_FILE, load_hits, save_hits
-from kclip.eval.report import flatten_metrics
+from kclip.eval.report import flatten_metrics, json_safe
 
-from .ablation import _clean, aggregate, run_or_reuse
+from .ablation import aggregate, run_or_reuse
 from .comparison_report import _machine, _versions, render_markdown
 from .design import (ALPHA, ANALYSIS, ARMS, CONFIRMATORY_TEACHERS, DEFAULTS, DIFFERENCES, IMAGE_LEVEL, METRICS,
                      ORACLE, PER_IMAGE_FILE, POST_HOC, POWER, PRETRAIN_INFO, PRIMARIES, RESULT_FILE, SENSITIVITY,
@@ -192,7 +192,7 @@ def execute(spec: RunSpec, run_fn: Callable | None = None, resume: bool = True, 
     if not reused:  # what the run cost, hits included (a reused run keeps the times of the invocation that made it)
         report.setdefault("ablation", {}).update(seconds=result.seconds, cpu_seconds=result.cpu_seconds,
                                                  threads=spec.threads)
-        atomic_write_text(spec.run_dir / RESULT_FILE, json.dumps(_clean(report), indent=2, default=str))
+        atomic_write_text(spec.run_dir / RESULT_FILE, json.dumps(json_safe(report), indent=2, default=str))
     return result
 
 
@@ -496,7 +496,7 @@ def run_comparison(out_dir: str | Path, teachers: Sequence[str] = CONFIRMATORY_T
     }
     # what is committed: comparison.json / .md and each run's result and hits (a resumed comparison reuses them)
     atomic_write_text(out_dir / ".gitignore", GITIGNORE)
-    atomic_write_json(out_dir / "comparison.json", _clean(result), sort_keys=False)
+    atomic_write_json(out_dir / "comparison.json", json_safe(result), sort_keys=False)
     atomic_write_text(out_dir / "comparison.md", render_markdown(result))
     say(f"wrote {out_dir / 'comparison.md'} and comparison.json ({result['wall_seconds']:.0f} s)")
     return result
@@ -647,8 +647,8 @@ def _run_all(pres: Sequence[RunSpec], specs: list[RunSpec], jobs: int, resume: b
 
 
 def _git_rev() -> str:
-    from kclip.eval.run import _git_rev as rev
-    return rev()
+    from kclip.stamps import git_revision
+    return git_revision(mark_dirty=False, from_env=False)  # the commit alone, as the runs' reports record it
 
 
 def main(argv: Sequence[str] | None = None) -> int:

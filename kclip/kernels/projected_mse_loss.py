@@ -228,6 +228,15 @@ def _forward_kernel():
 # ---------------------------------------------------------------------------------------------------
 # Launcher
 # ---------------------------------------------------------------------------------------------------
+def autotune_choice() -> str | None:
+    """The forward kernel's autotuned config for the last shape it ran (None before any launch): benchmarks
+    record which tile their timings used."""
+    if _forward_kernel.cache_info().currsize == 0:
+        return None
+    best = getattr(_forward_kernel()[0], "best_config", None)
+    return None if best is None else str(best)
+
+
 def _fp32_input_precision() -> str:
     # Follow F.linear: TF32 only where the user enabled it for cuBLAS fp32 matmuls.
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
