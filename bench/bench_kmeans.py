@@ -91,7 +91,17 @@ def run_kclip(x, init, iters, device):
     from kclip.kmeans import fit_kmeans
 
     res = fit_kmeans(x, init.shape[0], backend="triton", init=init, max_iter=iters, tol=0.0)
-    return res.n_iter, res.inertia, {}
+    return res.n_iter, res.inertia, steady_state(res.iter_seconds)
+
+
+def steady_state(iter_seconds) -> dict:
+    """The fit's own per-iteration times: ``steady_ms_per_iter`` (median of the iterations after the first, which
+    also absorbs the initialisation's queued work), ``first_iter_ms``, and the sum for ``setup_s`` below."""
+    its = [1e3 * t for t in iter_seconds]
+    if not its:
+        return {}
+    later = sorted(its[1:] or its)
+    return {"steady_ms_per_iter": later[len(later) // 2], "first_iter_ms": its[0], "iters_s": sum(its) / 1e3}
 
 
 def run_cuml(x, init, iters, device):
@@ -238,6 +248,8 @@ def main(argv=None) -> list[dict]:
                 if a.profile and impl == "kclip-triton":  # where the fit's time goes beyond its two kernels
                     extra["profile"] = harness.profile_fn(lambda: runner(x, init, iters, device), device, rep=2)
                     print(harness.format_profile(extra["profile"]), flush=True)
+                if "iters_s" in extra:  # set-up: everything in the fit outside its iterations
+                    extra["setup_s"] = sec - extra.pop("iters_s")
                 add(dict(base, impl=impl, n_iter=n_iter, fit_s=sec, ms_per_iter=1e3 * sec / max(1, n_iter),
                          inertia=inertia, peak_bytes=peak, **extra))
             except Exception as exc:

@@ -157,7 +157,8 @@ def loader_table(rows: list[dict]) -> list[str]:
 KEY_METRICS = {
     "env": [("matmul_tflops", "bf16 matmul TFLOP/s", "{:.0f}"), ("copy_tb_per_s", "copy TB/s", "{:.2f}"),
             ("bnb_int8_cos_min", "int8 Linear cos", "{:.4f}")],
-    "kmeans": [("ms_per_iter", "ms / Lloyd iter", "{:.2f}"), ("assign_ms", "assign ms", "{:.2f}"),
+    "kmeans": [("ms_per_iter", "ms / Lloyd iter", "{:.2f}"), ("steady_ms_per_iter", "steady ms / iter", "{:.2f}"),
+               ("setup_s", "set-up s", "{:.2f}"), ("assign_ms", "assign ms", "{:.2f}"),
                ("update_ms", "update ms", "{:.2f}")],
     "teacher": [("tokens_per_s", "tokens/s", "{:.0f}"), ("tflops", "useful TFLOP/s", "{:.1f}"),
                 ("weight_bytes", "weights GiB", "{:.2f}"), ("cos_min", "cos min", "{:.4f}"),

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -59,6 +60,10 @@ class KMeansResult:
     inertia: float
     n_iter: int
     backend: str
+    # Triton backend: wall seconds of each Lloyd iteration, host read to host read (the loop already reads
+    # once per iteration, so timing it adds no wait); the first one also absorbs the initialisation's
+    # queued device work, so the steady state is the later ones. Empty for the library backends.
+    iter_seconds: tuple = ()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,6 +309,8 @@ def _lloyd_triton(x, k: int, seed: int, max_iter: int, tol: float, init, chunk_s
     def means(sums, counts, old):  # (K, D) new centroids; a cluster without points keeps its old one
         return torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None].float(), old)
 
+    iter_seconds = []
+    tick = time.perf_counter()
     for _ in iterator:
         sums, counts = assign_and_sum(centroids)
         n_iter += 1
@@ -329,6 +336,8 @@ def _lloyd_triton(x, k: int, seed: int, max_iter: int, tol: float, init, chunk_s
             delta = float((new - centroids).norm())
         shift = delta / max(norm, 1e-12)
         centroids = new
+        iter_seconds.append(time.perf_counter() - tick)
+        tick = time.perf_counter()
         if progress:
             iterator.set_postfix(shift=f"{shift:.2e}")
         if shift == 0.0 and n_empty == 0:
@@ -340,7 +349,7 @@ def _lloyd_triton(x, k: int, seed: int, max_iter: int, tol: float, init, chunk_s
         assign_and_sum(centroids, with_sums=False)
     inertia = float(sqdist.double().sum())
     return KMeansResult(labels=labels.cpu(), centroids=centroids.float().cpu(), inertia=inertia,
-                        n_iter=n_iter, backend="triton")
+                        n_iter=n_iter, backend="triton", iter_seconds=tuple(iter_seconds))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -156,6 +156,17 @@ def test_bench_quick(tmp_path):
     assert {"kclip-update", "torch-index-add-update", "torch-onehot-update"} <= set(update), records
     assert (tmp_path / "kmeans.jsonl").stat().st_size > 0
     assert list(tmp_path.glob("kmeans*.png"))
+    # the fit's steady state apart from its set-up: the iterations' own times, and what the fit spent outside them
+    for r in (r for r in records if r["impl"] == "kclip-triton" and "fit_s" in r):
+        assert 0 < r["steady_ms_per_iter"] and 0 <= r["setup_s"] < r["fit_s"], r
+        assert r["setup_s"] + r["first_iter_ms"] / 1e3 <= r["fit_s"]
+
+
+def test_triton_fit_times_each_iteration():
+    x, _, _ = planted(n=300, k=4, d=8, seed=1, spread=3.0)
+    res = fit_kmeans(torch.from_numpy(x), 4, backend="triton", seed=0, max_iter=6, tol=0.0)
+    assert len(res.iter_seconds) == res.n_iter and all(t > 0 for t in res.iter_seconds)
+    assert fit_kmeans(x, 4, backend="sklearn", seed=0, max_iter=6).iter_seconds == ()
 
 
 # ------------------------------------------------------------------------------------------------ GPU
