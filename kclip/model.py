@@ -147,9 +147,8 @@ class KnowledgeHead(nn.Module):
         ``stopgrad``: W_e with its gradient stopped (W_e fitted by L_emb alone; the image encoder still
             learns to land where the text projection puts the concept);
         ``separate``: an image projector of its own (same shape as W_e), trained by L_conc only.
-      The worry that C's large weights would let L_conc pull W_e away from the teacher was measured, not
-      assumed: on the embedded default (12 epochs, seed 0) the held-out R^2 of W_e(E_T(x)) ends at 0.76
-      shared, 0.71 stopgrad, 0.69 separate, in that order from epoch 2 on (README: "Does it distill?").
+      Whether C's large weights let L_conc pull W_e away from the teacher is measured per path in
+      ``bench/results/concept_path_tiny.md`` (held-out R^2 of W_e(E_T(x)) on the embedded default).
 
     W_e's weight and bias are parameters of this module itself (not of an ``nn.Linear`` child): the fused
     kernel reads them as GEMM operands inside this forward, which is where ZeRO-3 gathers a module's own
