@@ -2,16 +2,19 @@
 
 One process, one device, side by side (per ``--models`` entry, 224 px, batch ``--batch-size`` per GPU):
 
-- ``kclip-fused``     : the product's step, ``kclip.trainer.Trainer.train_step``: the DeepSpeed engine (ZeRO-2,
-                        DeepSpeed's bf16 mode: bf16 module weights, fp32 master copy in its optimizer, clipping
-                        1.0) over ``KnowledgeClip`` with the fused Triton losses.
+- ``kclip-fused``     : the product's step, ``kclip.trainer.Trainer.train_step``, over ``KnowledgeClip`` with the
+                        fused Triton losses, on the engine ``train.engine: auto`` picks here (the record's
+                        ``engine``): the torch engine when the student's training state fits the device, else
+                        DeepSpeed ZeRO-2. Clipping 1.0.
 - ``kclip-reference`` : the same step with ``contrastive_impl = distill_impl = "reference"`` (eager losses).
-- ``kclip-zero1``, ``kclip-zero3``, ``kclip-zero0``: the fused step with ZeRO-1 / ZeRO-3 / DeepSpeed without ZeRO
-                        partitioning (kclip's configs/ds/zero{s}.json filled by ``kclip.config.deepspeed_config``).
-- ``kclip-torch``     : the product's model and loss module (``KnowledgeClipLoss``, fused kernels) driven as
-                        ``openclip-style`` drives its step (fp32 master weights, autocast bf16, fused torch AdamW,
-                        clipping, DDP at > 1 rank): with ``openclip-style`` and ``kclip-fused`` it splits the
-                        gap between them into what the losses cost and what the DeepSpeed engine costs.
+- ``kclip-torch``     : the fused step on the torch engine (``train.engine: torch``: fp32 master weights, autocast,
+                        fused torch AdamW, DDP at > 1 rank).
+- ``kclip-zero2``, ``kclip-zero1``, ``kclip-zero3``, ``kclip-zero0``: the fused step on the DeepSpeed engine
+                        (``train.engine: deepspeed``; its bf16 mode: bf16 module weights, fp32 master copy in its
+                        optimizer) with ZeRO-2 / 1 / 3 / DeepSpeed without ZeRO partitioning (kclip's
+                        configs/ds/zero{s}.json filled by ``kclip.config.deepspeed_config``). With ``kclip-torch``
+                        and ``openclip-style`` they split the gap into what the losses cost and what each engine
+                        costs.
 - ``openclip-style``  : what one would write by hand on open_clip: ``open_clip.loss.ClipLoss`` + an eager
                         projected MSE + the same concept CE, fp32 master weights, ``torch.autocast(bf16)``
                         (open_clip's ``amp_bf16``), fused torch AdamW with kclip's parameter groups, clipping at
@@ -21,7 +24,7 @@ One process, one device, side by side (per ``--models`` entry, 224 px, batch ``-
                         teacher ("embeddings as teachers") saves.
 
 Every step: forward, loss, backward, clip, optimizer step, zero grads. The kclip rows call the product's own
-``Trainer.train_step`` (no copy of it here).
+``Trainer.train_step`` (no copy of it here); ``engine`` in each record says which engine stepped.
 
 Inputs: random images / caption tokens already on the device (the input pipeline is ``bench_loader``'s job),
 random fp16 (N, d') L2-normalised targets standing in for the teacher cache (gathered per step), random concept
@@ -44,7 +47,7 @@ Kernel path: on CPU the fused losses fall back to the PyTorch references unless 
 
     python -m bench.bench_train_step                       # GPU: ViT-B-32, 224 px, batch 256, bf16, all impls
     python -m bench.bench_train_step --models ViT-B-32 ViT-B-16
-    torchrun --nproc_per_node 8 -m bench.bench_train_step  # data parallel: DDP for openclip-style, ZeRO for kclip
+    torchrun --nproc_per_node 8 -m bench.bench_train_step  # data parallel: DDP (openclip-style, torch engine), ZeRO
     python -m bench.bench_train_step --quick --results-dir /tmp/r   # kclip-tiny on CPU, seconds
 
 Results append to ``<results-dir>/train_step.jsonl`` (one record per model x impl, with the ratios
@@ -70,7 +73,7 @@ from bench.harness import RESULTS_DIR, ResultsLog, format_profile, is_oom, profi
 
 NAME = "train_step"
 IMPLS = ("kclip-fused", "kclip-reference", "openclip-style", "online-teacher", "kclip-zero1", "kclip-zero3",
-         "kclip-zero0", "kclip-torch")
+         "kclip-zero0", "kclip-torch", "kclip-zero2")
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets. First match wins,
 # so the more specific names come first.
@@ -170,13 +173,16 @@ def make_inputs(clip: nn.Module, batch: int, teacher_dim: int, num_concepts: int
 # The steps
 # ----------------------------------------------------------------------------------------------------------
 
-def _config(batch: int, precision: str, zero_stage: int = 2, impl: str = "triton", num_concepts: int = 1000):
-    """A kclip Config for the step: the paper's loss weights, the given batch / precision / ZeRO stage / impls."""
+def _config(batch: int, precision: str, zero_stage: int = 2, impl: str = "triton", num_concepts: int = 1000,
+            engine: str = "auto"):
+    """A kclip Config for the step: the paper's loss weights, the given batch / precision / engine / ZeRO stage /
+    impls."""
     from kclip.config import Config
 
     cfg = Config()
     cfg.train.batch_size = batch
     cfg.train.precision = precision
+    cfg.train.engine = engine
     cfg.train.zero_stage = zero_stage
     cfg.train.grad_clip = GRAD_CLIP
     cfg.train.warmup_steps = 10
@@ -191,6 +197,7 @@ class Runner:
 
     kernel_path = "n/a"
     optimizer_name = "torch AdamW"
+    engine = "none (hand-written loop)"
     note = ""
 
     def step(self, i: int) -> None:
@@ -202,22 +209,29 @@ class Runner:
 
 
 class KclipRunner(Runner):
-    """The product's step: ``kclip.trainer.Trainer.train_step`` (DeepSpeed engine, ZeRO ``stage``, the YAML's
-    precision, fused or reference losses), optionally with the teacher run on every batch (online-teacher)."""
+    """The product's step: ``kclip.trainer.Trainer.train_step`` (``engine`` as ``train.engine``, ZeRO ``stage`` for
+    DeepSpeed, the YAML's precision, fused or reference losses), optionally with the teacher run on every batch
+    (online-teacher)."""
 
-    def __init__(self, impl: str, model: nn.Module, inputs: Inputs, args, dist, stage: int = 2, teacher=None):
+    def __init__(self, impl: str, model: nn.Module, inputs: Inputs, args, dist, stage: int = 2, teacher=None,
+                 engine: str = "auto"):
         from kclip.trainer import Trainer
 
         which = "reference" if impl == "kclip-reference" else "triton"
         model.head.distill_impl = which
-        cfg = _config(args.batch_size, args.precision, stage, which, args.num_concepts)
+        cfg = _config(args.batch_size, args.precision, stage, which, args.num_concepts, engine)
         cfg.train.compile = args.compile
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.trainer = Trainer(cfg, model, dist, total_steps=10_000)
         self.inputs, self.teacher, self.device = inputs, teacher, dist.device
         self.kernel_path = "reference" if which == "reference" else kernel_path(dist.device)
-        self.optimizer_name = f"DeepSpeed ZeRO-{stage} over torch AdamW ({args.precision})"
+        if self.trainer.engine_name == "torch":
+            self.engine = "torch"
+            self.optimizer_name = f"torch engine: AdamW on fp32 master weights ({args.precision})"
+        else:
+            self.engine = f"deepspeed-zero{stage}"
+            self.optimizer_name = f"DeepSpeed ZeRO-{stage} over torch AdamW ({args.precision})"
         if teacher is not None:
             self.note = (f"teacher {teacher.name} int8 ({sum(1 for _ in teacher.model.layers)} layers, "
                          f"d'={teacher.dim}) on every batch")
@@ -247,12 +261,11 @@ class OpenClipStyleRunner(Runner):
     def __init__(self, model: nn.Module, inputs: Inputs, args, dist):
         import open_clip
 
-        from kclip.trainer import _param_groups
+        from kclip.trainer import build_optimizer
 
         self.model, self.inputs, self.device = model, inputs, dist.device
         cfg = _config(args.batch_size, args.precision)
-        self.optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.train.lr, betas=(0.9, 0.98), eps=1e-6,
-                                           **({"fused": True} if dist.device.type == "cuda" else {}))
+        self.optimizer = build_optimizer(model, cfg.train, dist.device)  # the train stage's AdamW and groups
         self.params = [p for p in model.parameters() if p.requires_grad]
         if args.compile:
             model.compile()
@@ -284,24 +297,6 @@ class OpenClipStyleRunner(Runner):
         torch.nn.utils.clip_grad_norm_(self.params, GRAD_CLIP, foreach=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-
-
-class KclipTorchRunner(OpenClipStyleRunner):
-    """``openclip-style``'s optimizer, precision and clipping around the product's model and loss module."""
-
-    def __init__(self, model: nn.Module, inputs: Inputs, args, dist):
-        from kclip.losses import KnowledgeClipLoss
-
-        super().__init__(model, inputs, args, dist)
-        model.head.distill_impl = "triton"
-        self.loss_fn = KnowledgeClipLoss(ALPHA, BETA, GAMMA, "triton", world_size=dist.world_size)
-        self.kernel_path = kernel_path(dist.device)
-
-    def loss(self, i: int) -> torch.Tensor:
-        """Batch ``i``'s total loss (under autocast) from the product's model and ``KnowledgeClipLoss``."""
-        images, tokens, teacher, concept = self.inputs.batch(i)
-        with self.autocast:
-            return self.loss_fn(self.forward(images, tokens, teacher, concept))[0]
 
 
 def kernel_path(device: torch.device) -> str:
@@ -376,8 +371,6 @@ def run_impl(impl: str, base: nn.Module, inputs: Inputs, args, dist, teacher_sha
         model.train()
         if impl == "openclip-style":
             runner = OpenClipStyleRunner(model, inputs, args, dist)
-        elif impl == "kclip-torch":
-            runner = KclipTorchRunner(model, inputs, args, dist)
         else:
             teacher = None
             if impl == "online-teacher":
@@ -385,8 +378,9 @@ def run_impl(impl: str, base: nn.Module, inputs: Inputs, args, dist, teacher_sha
                 teacher = build_teacher(teacher_shape, device)
                 rec["teacher_build_s"] = time.perf_counter() - t0
                 steps, warmup = min(steps, args.teacher_steps), min(warmup, 2)
+            engine = {"kclip-torch": "torch"}.get(impl, "deepspeed" if impl.startswith("kclip-zero") else "auto")
             stage = int(impl[-1]) if impl.startswith("kclip-zero") else 2
-            runner = KclipRunner(impl, model, inputs, args, dist, stage, teacher)
+            runner = KclipRunner(impl, model, inputs, args, dist, stage, teacher, engine)
         del model
         rec["setup_s"] = time.perf_counter() - t_setup
         t_run = time.perf_counter()
@@ -404,7 +398,7 @@ def run_impl(impl: str, base: nn.Module, inputs: Inputs, args, dist, teacher_sha
         rec["error"] = ("OOM: " if is_oom(exc) else "") + f"{type(exc).__name__}: {exc}"[:400]
     finally:
         if runner is not None:
-            rec.update(kernel_path=runner.kernel_path, optimizer=runner.optimizer_name)
+            rec.update(kernel_path=runner.kernel_path, optimizer=runner.optimizer_name, engine=runner.engine)
             if runner.note:
                 rec["note"] = runner.note
             runner.close()

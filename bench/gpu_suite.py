@@ -119,11 +119,11 @@ def plan() -> list[Step]:
               "kclip_chunked", "kclip_fused", "eager", "--profile"],
              ["-m", b + "bench_clip_contrastive_loss", "--quick", "--ns", "64", "--impls", "kclip", "kclip_fused",
               "--profile"], 30, 10, 70),
-        Step("profile_train_step", "profile the ViT-B-32 b256 bf16 step: kclip (DeepSpeed ZeRO-2, and ZeRO-0), "
-                                   "kclip's model and losses in a plain torch loop, open_clip-style",
+        Step("profile_train_step", "profile the ViT-B-32 b256 bf16 step: kclip on the engine auto picks (torch on "
+                                   "one GPU), on DeepSpeed ZeRO-2 and ZeRO-0, open_clip-style",
              ["-m", b + "bench_train_step", "--models", "ViT-B-32", "--batch-size", "256", "--steps", "10",
-              "--warmup", "5", "--impls", "kclip-fused", "kclip-torch", "kclip-zero0", "openclip-style", "--profile"],
-             ["-m", b + "bench_train_step", "--quick", "--impls", "kclip-fused", "kclip-torch", "openclip-style",
+              "--warmup", "5", "--impls", "kclip-fused", "kclip-zero2", "kclip-zero0", "openclip-style", "--profile"],
+             ["-m", b + "bench_train_step", "--quick", "--impls", "kclip-fused", "kclip-zero2", "openclip-style",
               "--profile"], 55, 25, 110),
         # The fused tile shapes were swept on the H200 on 2026-11-30 (the D > 512 default came from it); this
         # sweeps the chunked strategy's rows and tiles and the fused kernels' untimed pipelining options.
@@ -482,9 +482,13 @@ def target_rows(results: Path, quick: bool = False) -> list[dict]:
     # train step
     st = at_["step"]
     ts = [r for r in data.get("train_step", []) if r.get("model") == st["model"] and r.get("batch") == st["batch"]]
-    fused, oc, onl = (_latest(ts, impl=i) for i in ("kclip-fused", "openclip-style", "online-teacher"))
+    fused, oc, onl, z2 = (_latest(ts, impl=i) for i in ("kclip-fused", "openclip-style", "online-teacher",
+                                                         "kclip-zero2"))
     where = f"{st['model']}, batch {st['batch']}"
-    rows.append(_row("train step vs open_clip-style step", _div(_ms(oc), _ms(fused)), 1.3, True, "x", where))
+    rows.append(_row("train step vs open_clip-style step", _div(_ms(oc), _ms(fused)), 1.3, True, "x", where,
+                     f"engine {(fused or {}).get('engine', '?')}"))
+    rows.append(_row("train step vs the same step on DeepSpeed ZeRO-2", _div(_ms(z2), _ms(fused)), 1.0, True, "x",
+                     where))
     rows.append(_row("train step vs online-teacher step", _div(_ms(onl), _ms(fused)), 5.0, True, "x", where))
     rows.append(_row("train step MFU (dense bf16 datasheet peak)", (fused or {}).get("mfu"), 0.40, True, "", where))
     return rows

@@ -1,11 +1,13 @@
-"""The train stage: a DeepSpeed engine over the Knowledge-CLIP student, from cached teacher embeddings.
+"""The train stage: the Knowledge-CLIP student trained from cached teacher embeddings.
 
-Only the student's trainable parameters (CLIP towers, logit scale, W_e) reach the optimizer; C is frozen.
-Checkpoints are DeepSpeed's (module, optimizer, scheduler), with client state holding the step, the data
-position (epoch, micro-batch in epoch) and the config; ``resume`` continues from the latest one and replays
-the data order exactly (the order is a function of seed and epoch; augmentation is seeded per sample). At
-the end the student is exported as a safetensors state dict that ``open_clip.create_model(name,
-pretrained=path)`` loads.
+The step runs on the engine ``train.engine`` chooses (:mod:`kclip.engine`): plain torch (fp32 master weights,
+autocast, DDP over ranks) when the student's training state fits one device, else DeepSpeed ZeRO. Only the
+student's trainable parameters (CLIP towers, logit scale, W_e) reach the optimizer (:func:`build_optimizer`);
+C is frozen. Checkpoints are the engine's (module, optimizer, scheduler), with client state holding the step,
+the data position (epoch, micro-batch in epoch) and the config; ``resume`` continues from the latest one with
+the engine that wrote it and replays the data order exactly (the order is a function of seed and epoch;
+augmentation is seeded per sample). At the end the student is exported as a safetensors state dict that
+``open_clip.create_model(name, pretrained=path)`` loads.
 
 ``train.grad_cache`` (:meth:`Trainer._grad_cache_step`) makes the ``grad_accum_steps`` micro-batches one
 contrastive batch with its exact gradient; ``eval.every_steps`` (:class:`_StepEval`) measures retrieval during
@@ -24,9 +26,10 @@ import numpy as np
 import torch
 
 from kclip.atomic import atomic_write_json
-from kclip.config import Config, deepspeed_config, to_dict
+from kclip.config import Config, TrainConfig, to_dict
 from kclip.data import PairDataset, PairIndex, pair_loader, rank_batches
 from kclip.distributed import DistInfo, all_reduce_mean, barrier
+from kclip.engine import build_engine, check_checkpoint_engine, choose_engine, input_dtype
 from kclip.losses import KnowledgeClipLoss, contrastive_loss
 from kclip.model import KnowledgeClip, build_clip, export_student
 
@@ -46,7 +49,7 @@ class TrainInputs:
     eval_index: PairIndex | None = None    # pairs for eval.every_steps: the run's val split (None: training pairs)
 
 
-def _param_groups(model: KnowledgeClip, cfg: Config) -> list[dict]:
+def _param_groups(model: KnowledgeClip, t: TrainConfig) -> list[dict]:
     """AdamW groups: no weight decay on gains, biases, embeddings and the logit scale; W_e (the head) its own lr."""
     decay, no_decay, head = [], [], []
     for name, p in model.named_parameters():
@@ -58,7 +61,6 @@ def _param_groups(model: KnowledgeClip, cfg: Config) -> list[dict]:
             no_decay.append(p)
         else:
             decay.append(p)
-    t = cfg.train
     return [{"params": decay, "weight_decay": t.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
             {"params": head, "weight_decay": 0.0, "lr": t.projector_lr or t.lr}]
@@ -73,43 +75,69 @@ def _lr_lambda(warmup: int, total: int):
     return f
 
 
+def build_optimizer(model: KnowledgeClip, t: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """The train stage's AdamW over ``model``'s trainable parameters (``train.lr``, ``train.weight_decay``,
+    ``train.projector_lr``; betas (0.9, 0.98), eps 1e-6; the fused kernel on a GPU)."""
+    return torch.optim.AdamW(_param_groups(model, t), lr=t.lr, betas=(0.9, 0.98), eps=1e-6,
+                             **({"fused": True} if device.type == "cuda" else {}))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig, total_steps: int):
+    """Linear warm-up over ``train.warmup_steps``, then cosine to 0 at ``total_steps`` (stepped per optimizer step)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(t.warmup_steps, total_steps))
+
+
+def some_parameter_idle(cfg: Config) -> bool:
+    """Whether some trainable parameter of the student gets no gradient in a step, given the loss weights: the
+    logit scale without the contrastive term, W_e without L_emb (and without L_conc through it), the separate
+    image projector without L_conc. (DDP then has to look for such parameters after every backward.)"""
+    loss = cfg.loss
+    w_e = loss.alpha > 0 or (loss.beta > 0 and loss.concept_path == "shared")
+    image_projector = loss.concept_path != "separate" or loss.beta > 0
+    return not (loss.gamma > 0 and w_e and image_projector)
+
+
 def steps_per_epoch(n: int, cfg: Config, world_size: int) -> int:
     micro = n // (cfg.train.batch_size * world_size)
     return micro // cfg.train.grad_accum_steps
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 class Trainer:
-    """The Knowledge-CLIP training step over a DeepSpeed engine: one method, :meth:`train_step`, that the
-    training loop (:func:`train`), the benchmarks and the tests all call.
+    """The Knowledge-CLIP training step on the engine ``train.engine`` chooses: one method, :meth:`train_step`,
+    that the training loop (:func:`train`), the benchmarks and the tests all call.
 
     Args:
-        cfg: the run config (``train.*`` for the optimizer, schedule, ZeRO stage and precision; ``loss.*``).
-        model: the student (:class:`kclip.model.KnowledgeClip`, concept classifier loaded).
+        cfg: the run config (``train.*`` for the engine, optimizer, schedule, ZeRO stage and precision; ``loss.*``).
+        model: the student (:class:`kclip.model.KnowledgeClip`, concept classifier loaded), fp32; it is moved to
+            ``dist.device`` (by DeepSpeed for its engine).
         dist: this rank's :class:`DistInfo`.
         total_steps: optimizer steps of the schedule (warm-up + cosine).
         normalize: finishes uint8 images on the device (:class:`kclip.data.DeviceNormalize`), or None when
             batches already hold float images.
+        ckpt_dir: the checkpoints a resume will load, if any: ``train.engine: auto`` then takes their engine.
+
+    Attributes:
+        engine: the :class:`kclip.engine.TorchEngine` or the DeepSpeed engine; ``engine_name`` ("torch" or
+            "deepspeed") and ``engine_reason`` say which and why.
+        dtype: the dtype images enter the engine's forward in (:func:`kclip.engine.input_dtype`).
     """
 
-    def __init__(self, cfg: Config, model: KnowledgeClip, dist: DistInfo, total_steps: int, normalize=None):
-        import deepspeed
-
+    def __init__(self, cfg: Config, model: KnowledgeClip, dist: DistInfo, total_steps: int, normalize=None,
+                 ckpt_dir: Path | None = None):
         t = cfg.train
         self.cfg, self.model, self.dist, self.normalize = cfg, model, dist, normalize
         self.total_steps = total_steps
-        self.dtype = DTYPES[t.precision]
-        self.optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=t.lr, betas=(0.9, 0.98), eps=1e-6,
-                                           **({"fused": True} if dist.device.type == "cuda" else {}))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(t.warmup_steps, total_steps))
+        self.engine_name, self.engine_reason = choose_engine(cfg, model, dist.device, ckpt_dir)
+        self.dtype = input_dtype(self.engine_name, t.precision)
+        if self.engine_name == "torch":
+            model.to(dist.device)  # DeepSpeed places (and partitions) the module itself
+        self.optimizer = build_optimizer(model, t, dist.device)
+        self.scheduler = build_scheduler(self.optimizer, t, total_steps)
         self.loss_fn = KnowledgeClipLoss(cfg.loss.alpha, cfg.loss.beta, cfg.loss.gamma, cfg.loss.contrastive_impl,
                                          world_size=dist.world_size,
                                          contrastive_memory_budget_gb=cfg.loss.contrastive_memory_budget_gb)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer,
-                                                    lr_scheduler=self.scheduler,
-                                                    config=deepspeed_config(cfg, dist.world_size))
+        self.engine = build_engine(self.engine_name, cfg, model, self.optimizer, self.scheduler, dist,
+                                   find_unused_parameters=some_parameter_idle(cfg))
         if t.compile:
             self.engine.compile()
         # Gradient cache: one accumulation window's micro-batches (as the loader gave them, on the host) until the
@@ -167,10 +195,11 @@ class Trainer:
         3. per micro-batch j (n_j pairs), with its RNG state restored (dropout, patch dropout, drop-path draw the
            same masks as in step 1, so the cached gradient belongs to the same function): forward with
            activations, backward of ``<image, dI_j> + <text, dT_j> + (n_j/n) (alpha L_emb_j + beta L_conc_j)``
-           (+ ``scale * d scale`` once), then ``engine.step()``. L_emb and L_conc are per-pair means, so the
+           (+ ``scale * d scale / M``, M micro-batches: every backward then reaches every parameter, which
+           DDP's reducing backward requires), then ``engine.step()``. L_emb and L_conc are per-pair means, so the
            n_j/n weights sum them to the window's mean on this rank; the engine's rank average then gives the
            global one, as in the big-batch run. ``scale_wrt_gas=False``: the weights already are the
-           accumulation's share, DeepSpeed's 1/grad_accum_steps would count it twice.
+           accumulation's share, the engine's 1/grad_accum_steps would count it twice.
 
         Only one micro-batch's activations are alive at a time; the cost is one extra no-grad forward.
         """
@@ -216,8 +245,9 @@ class Trainer:
             if gamma > 0:
                 surrogate = surrogate + (out["image"].float() * d_images[j].float()).sum() \
                     + (out["text"].float() * d_texts[j].float()).sum()
-                if j == 0:  # the scale is shared by the micro-batches: its gradient enters once
-                    surrogate = surrogate + (out["logit_scale"].float() * d_scale.float()).sum()
+                # the scale is shared by the micro-batches: its gradient enters in equal parts, so every backward
+                # reaches every parameter (DDP reduces only the last one; ZeRO-3 accumulates per micro-batch)
+                surrogate = surrogate + (out["logit_scale"].float() * d_scale.float()).sum() / len(micro)
             self.engine.backward(surrogate, scale_wrt_gas=False)
             self.engine.step()
             last_scale = out["logit_scale"].detach()
@@ -280,7 +310,12 @@ class Trainer:
         barrier()
 
     def load_checkpoint(self, ckpt_dir: Path) -> tuple[int, int, int]:
-        """(step, epoch, micro-batch in epoch) of the latest checkpoint in ``ckpt_dir``."""
+        """(step, epoch, micro-batch in epoch) of the latest checkpoint in ``ckpt_dir``.
+
+        Raises:
+            kclip.engine.CheckpointEngineError: the other engine wrote it.
+        """
+        check_checkpoint_engine(ckpt_dir, self.engine_name)  # before DeepSpeed fails on a folder it cannot read
         _, client = self.engine.load_checkpoint(str(ckpt_dir))
         t = self.cfg.train
         if client.get("world_size") != self.dist.world_size or client.get("batch_size") != t.batch_size:
@@ -292,7 +327,7 @@ class Trainer:
     def export(self, path: Path) -> None:
         """Write the student's open_clip weights (gathered from ZeRO-3 partitions when needed)."""
         clip = self.engine.module.clip
-        if self.cfg.train.zero_stage == 3:
+        if self.engine_name == "deepspeed" and self.cfg.train.zero_stage == 3:
             import deepspeed
             with deepspeed.zero.GatheredParameters(list(clip.parameters()), modifier_rank=None):
                 if self.dist.is_main:
@@ -445,7 +480,10 @@ def train(cfg: Config, run_dir: Path, inputs: TrainInputs, dist: DistInfo, resum
     model, preprocess_train, tokenizer = build_student(cfg, inputs.teacher.dim, inputs.classifier_weight,
                                                        inputs.classifier_bias)
     dataset = PairDataset(inputs.index, preprocess_train, tokenizer, inputs.teacher, inputs.labels, seed=cfg.seed)
-    trainer = Trainer(cfg, model, dist, total_steps, normalize=dataset.normalize)
+    trainer = Trainer(cfg, model, dist, total_steps, normalize=dataset.normalize,
+                      ckpt_dir=ckpt_dir if resume else None)
+    if dist.is_main:
+        print(f"[kclip] engine: {trainer.engine_name} ({trainer.engine_reason})", flush=True)
     heldout = _heldout(inputs, tokenizer, t.r2_captions) if cfg.loss.alpha > 0 else None
     step_eval = _StepEval.build(cfg, run_dir, inputs, model.clip, tokenizer, dist)
 
@@ -503,7 +541,8 @@ def train(cfg: Config, run_dir: Path, inputs: TrainInputs, dist: DistInfo, resum
     metrics.close()
     if step_eval is not None and dist.is_main:
         plot_step_eval(run_dir / "metrics.jsonl", run_dir / STEP_EVAL_PLOT)
-    summary = {"steps": step, "total_steps": total_steps, "epochs": epoch, "stopped_early": stopped}
+    summary = {"steps": step, "total_steps": total_steps, "epochs": epoch, "stopped_early": stopped,
+               "engine": trainer.engine_name}
     if stopped:
         return summary
     if heldout is not None:
@@ -574,7 +613,7 @@ class _ResumableBatches:
 
 
 def _fp32(clip):
-    """A float32 view of the student for export (bf16/fp16 engines keep low-precision module weights)."""
+    """A float32 view of the student for export (DeepSpeed's bf16/fp16 modes keep low-precision module weights)."""
     if all(p.dtype == torch.float32 for p in clip.parameters()):
         return clip
     import copy

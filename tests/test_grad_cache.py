@@ -1,9 +1,9 @@
 """train.grad_cache: the grad_accum_steps micro-batches are ONE contrastive batch with its exact gradient.
 
 The reference is the run the option stands in for: batch_size x grad_accum_steps pairs per rank and no
-accumulation. The gradients are read where DeepSpeed hands them to the optimizer (the base optimizer's
-``step``, after ZeRO's reduction and averaging over ranks; clipping off), so every engine path is covered:
-ZeRO 0-3, 1 and 2 ranks (gloo), fp32 and bf16. With dropout in the student the reference is the big batch's
+accumulation. The gradients are read where the engine hands them to the optimizer (the base optimizer's
+``step``, after ZeRO's or DDP's reduction and averaging over ranks; clipping off), so every engine path is
+covered: DeepSpeed ZeRO 0-3 and the torch engine, 1 and 2 ranks (gloo), fp32 and bf16. With dropout in the student the reference is the big batch's
 loss with the masks each micro-batch's forward draws: it needs the RNG replay (a control turns replay off and
 must see the gradients differ). A hook counts the samples whose activations are alive for backward.
 """
@@ -53,10 +53,11 @@ def _model(clip):
 
 
 def _trainer(model, dist, batch_size, accum, grad_cache, zero_stage=2, precision="fp32", impl="reference"):
+    """zero_stage: DeepSpeed's ZeRO stage, or "torch" for the torch engine (DDP at 2 ranks)."""
     cfg = Config()
     t = cfg.train
-    t.batch_size, t.grad_accum_steps, t.grad_cache, t.zero_stage, t.precision = (batch_size, accum, grad_cache,
-                                                                                 zero_stage, precision)
+    t.batch_size, t.grad_accum_steps, t.grad_cache, t.precision = batch_size, accum, grad_cache, precision
+    t.engine, t.zero_stage = ("torch", 2) if zero_stage == "torch" else ("deepspeed", zero_stage)
     t.lr, t.warmup_steps, t.grad_clip = 1e-3, 1, 0.0  # no clipping: the raw gradient reaches the optimizer
     cfg.loss.alpha, cfg.loss.beta, cfg.loss.gamma = LOSS["alpha"], LOSS["beta"], LOSS["gamma"]
     cfg.loss.contrastive_impl, cfg.loss.distill_impl = impl, "reference"
@@ -123,7 +124,7 @@ def tiny():
     return clip, tokenizer
 
 
-@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3, "torch"])
 def test_gradient_equals_the_big_batch_on_one_rank(tiny, zero_stage):
     from kclip.distributed import setup
 
@@ -191,9 +192,10 @@ def _two_ranks(rank, world_size, stages):
         os._exit(0)
 
 
-@pytest.mark.parametrize("stages", [(0, 2), (3,)])
+@pytest.mark.parametrize("stages", [(0, 2, "torch"), (3,)])
 def test_gradient_equals_the_big_batch_on_two_ranks(stages):
-    """The global batch is 2 x B x A pairs; each rank's (averaged) gradient equals the big-batch run's."""
+    """The global batch is 2 x B x A pairs; each rank's (averaged) gradient equals the big-batch run's (torch: the
+    torch engine's DDP average, which reduces only the last micro-batch's backward)."""
     run_ranks(_two_ranks, stages, timeout=300.0)
 
 
@@ -384,7 +386,8 @@ def test_micro_batches_are_the_big_batch_rows_of_each_rank(world_size):
 def test_grad_cache_is_an_input_of_the_train_stage():
     """It changes the trained batch; train stamps made before the key existed (grad_cache off) stay current."""
     from kclip.config import load_config
-    from kclip.pipeline import RECORDED_IF_NOT, TRAIN_IGNORED, TRAIN_KEYS, _pick
+    from kclip.pipeline import config_inputs, recorded_if_not
 
-    assert _pick(load_config(None, ["train.grad_cache=true"]), TRAIN_KEYS, TRAIN_IGNORED)["train.grad_cache"] is True
-    assert RECORDED_IF_NOT["train.grad_cache"] is False
+    assert config_inputs(load_config(None, ["train.grad_cache=true"]), "train")["train.grad_cache"] is True
+    assert "train.grad_cache" not in config_inputs(load_config(None), "train")
+    assert recorded_if_not(load_config(None))["train.grad_cache"] is False

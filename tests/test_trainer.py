@@ -24,10 +24,11 @@ def parts():
     return clip, batch
 
 
-def _trainer(clip, zero_stage=2, alpha=1.0, grad_cache_steps=0):
+def _trainer(clip, zero_stage=2, alpha=1.0, grad_cache_steps=0, engine="auto"):
     cfg = Config()
     # lr 1e-3: at 1e-2 AdamW collapses the 8-pair contrastive term to ln 8 on some head initialisations
     cfg.train.batch_size, cfg.train.zero_stage, cfg.train.lr, cfg.train.warmup_steps = B, zero_stage, 1e-3, 1
+    cfg.train.engine = engine
     if grad_cache_steps:
         cfg.train.grad_cache, cfg.train.grad_accum_steps = True, grad_cache_steps
     cfg.loss.alpha = alpha
@@ -39,10 +40,12 @@ def _trainer(clip, zero_stage=2, alpha=1.0, grad_cache_steps=0):
     return Trainer(cfg, model, setup(), total_steps=50), model
 
 
-@pytest.mark.parametrize("zero_stage", [2, 0])  # 0: DeepSpeed without ZeRO partitioning (configs/ds/zero0.json)
-def test_train_step_returns_device_tensors_and_learns(parts, zero_stage):
+# deepspeed 0: DeepSpeed without ZeRO partitioning (configs/ds/zero0.json); torch: kclip.engine.TorchEngine
+@pytest.mark.parametrize("engine, zero_stage", [("deepspeed", 2), ("deepspeed", 0), ("torch", 2)])
+def test_train_step_returns_device_tensors_and_learns(parts, engine, zero_stage):
     clip, batch = parts
-    trainer, _ = _trainer(clip, zero_stage=zero_stage)
+    trainer, _ = _trainer(clip, zero_stage=zero_stage, engine=engine)
+    assert trainer.engine_name == engine
     first = trainer.train_step(batch)
     assert set(first) == {"loss", "contrastive", "distill", "concept", "logit_scale"}
     assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad for v in first.values())
@@ -59,7 +62,7 @@ def test_train_step_asks_deepspeed_for_no_device_wait(parts, monkeypatch, grad_c
     from deepspeed.accelerator import get_accelerator
 
     clip, batch = parts
-    trainer, _ = _trainer(clip, grad_cache_steps=grad_cache_steps)
+    trainer, _ = _trainer(clip, grad_cache_steps=grad_cache_steps, engine="deepspeed")
     waits = []
     accel = get_accelerator()
     real = accel.synchronize
