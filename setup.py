@@ -1,5 +1,5 @@
 """kclip: a performance-first Knowledge-CLIP trainer (open_clip students, LLM teachers, Triton losses)."""
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="kclip",
@@ -9,7 +9,7 @@ setup(
     # Every package lives where its import name says (kclip/kernels is kclip.kernels). The top-level kernels/
     # and configs/ are links into kclip/ for readers; kernels/ has no __init__.py, so it can never shadow
     # Hugging Face's `kernels` package, which transformers >= 5.25 imports (see ARCHITECTURE.md).
-    packages=["kclip", "kclip.eval", "kclip.experiments", "kclip.kernels", "kclip.configs"],
+    packages=find_packages(include=["kclip", "kclip.*"]),  # every package under kclip/, none forgotten
     package_data={"kclip": ["model_configs/*.json"], "kclip.configs": ["*.yaml", "ds/*.json"]},
     include_package_data=True,
     # Lower bounds: versions a CI run passed with (KCLIP_DEPS=lowest in .ci/run); constraints.txt pins the tested

@@ -8,7 +8,8 @@ asks ``C(W_e(E_I(image)))`` to predict s.
   soft labels ``softmax(-||x - c_k||^2 / T)``; returned frozen.
 - :func:`run_concepts`: the stage: k-means (``kclip.kmeans.fit_kmeans``), C, ``concepts.safetensors``,
   ``concepts_report.json`` and the figures (``kclip.concept_plots``), each file written atomically;
-  :func:`load_concepts` reads the tensors back.
+  :func:`run_concepts_from_config` runs it from the ``concepts`` config section; :func:`load_concepts` reads
+  the tensors back.
 
 Input: the embeddings follow ``kclip.kmeans``'s one input path: a tensor, or a row-sliceable (N, d') float
 array; the pipeline passes ``kclip.targets.TeacherTargets`` (float32 rows of the memory-mapped cache, with
@@ -30,7 +31,8 @@ from kclip.atomic import atomic_path, atomic_write_json
 from kclip.errors import MissingFileError
 from kclip.kmeans import cluster_size_stats, default_device, fit_kmeans, load_rows, rows_shape
 
-__all__ = ["train_concept_classifier", "run_concepts", "load_concepts", "CONCEPTS_FILE", "REPORT_FILE"]
+__all__ = ["train_concept_classifier", "run_concepts", "run_concepts_from_config", "load_concepts", "CONCEPTS_FILE",
+           "REPORT_FILE"]
 
 CONCEPTS_FILE = "concepts.safetensors"
 REPORT_FILE = "concepts_report.json"
@@ -255,6 +257,17 @@ def run_concepts(embeddings, out_dir, k: int, backend: str = "auto", seed: int =
     }
     atomic_write_json(out / REPORT_FILE, report, indent=2, sort_keys=True)
     return report
+
+
+def run_concepts_from_config(embeddings, out_dir, section, seed: int = 0, student_text_embeddings=None,
+                             progress: bool = True) -> dict:
+    """:func:`run_concepts` with the options of a ``concepts`` config section (``kclip.config.ConceptsConfig``)
+    and the run's ``seed``; C is trained on the embeddings as given (``classifier_standardize`` off)."""
+    return run_concepts(embeddings, out_dir, k=section.k, backend=section.backend, seed=seed,
+                        max_iter=section.max_iter, tol=section.tol, classifier_epochs=section.classifier_epochs,
+                        classifier_lr=section.classifier_lr, soft_labels=section.soft_labels,
+                        temperature=section.temperature, student_text_embeddings=student_text_embeddings,
+                        progress=progress, classifier_standardize=False)
 
 
 def load_concepts(out_dir) -> dict[str, torch.Tensor]:

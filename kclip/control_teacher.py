@@ -13,7 +13,7 @@ unigrams). So if distilling it gives the same gain as an LM teacher, that gain i
 world knowledge (the review's "knowledge vs caption-specific information" control).
 
 It has the interface the cache builder needs (``describe``, ``tokenize``, ``encode_tokenized``, ``dim``) and
-the pipeline selects it by name (``kclip.pipeline._load_teacher``), as it does the oracle. Its identity
+the pipeline selects it by name (``kclip.pipeline.stages._load_teacher``), as it does the oracle. Its identity
 (``describe``: version, buckets, dimension, projection seed, hash) is what the embedding cache records;
 precision/pooling/max_length from the config are recorded but change nothing; a prompt is refused.
 """
@@ -25,6 +25,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
+from kclip.teacher_weights import loader_options
 
 CONTROL_TEACHER = "hashed-ngrams"
 CONTROL_VERSION = 1
@@ -130,5 +132,10 @@ def load_control(name: str = CONTROL_TEACHER, precision: str = "int8", pooling: 
     return HashedNgramTeacher(precision=precision, pooling=pooling, max_length=max_length)
 
 
+def load_control_from_config(section, device=None) -> HashedNgramTeacher:
+    """:func:`load_control` for a ``teacher`` config section, as ``kclip.teacher.load_teacher_from_config``."""
+    return load_control(section.name, device=device, **loader_options(section))
+
+
 __all__ = ["CONTROL_TEACHER", "BUCKETS", "DIM", "HashedNgramTeacher", "bucket", "is_control", "load_control",
-           "ngrams", "projection", "words"]
+           "load_control_from_config", "ngrams", "projection", "words"]

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kclip.config import ConfigError
+from kclip.config import ConfigError, LossConfig, check_choice, choices
 from kclip.errors import UserError
 from kclip.notices import drop_notice
 
@@ -132,9 +132,6 @@ def capped_logit_scale(log_scale: torch.Tensor, max_scale: float = MAX_LOGIT_SCA
     return _CappedLogScale.apply(log_scale, math.log(max_scale)).exp()
 
 
-CONCEPT_PATHS = ("shared", "stopgrad", "separate")
-
-
 class KnowledgeHead(nn.Module):
     """W_e (d -> d') and the frozen concept classifier C (d' -> K), with the method's losses in its own forward.
 
@@ -158,10 +155,8 @@ class KnowledgeHead(nn.Module):
     def __init__(self, dim: int, teacher_dim: int, num_concepts: int, concept_path: str = "shared",
                  distill_impl: str = "triton"):
         super().__init__()
-        if concept_path not in CONCEPT_PATHS:
-            raise ValueError(f"loss.concept_path is {concept_path!r}; choose one of {CONCEPT_PATHS}")
-        if distill_impl not in ("triton", "reference"):
-            raise ValueError(f"loss.distill_impl is {distill_impl!r}; choose 'triton' or 'reference'")
+        check_choice("loss.concept_path", concept_path, choices(LossConfig, "concept_path"))  # direct callers too
+        check_choice("loss.distill_impl", distill_impl, choices(LossConfig, "distill_impl"))
         self.concept_path, self.distill_impl = concept_path, distill_impl
         init = nn.Linear(dim, teacher_dim)  # nn.Linear's initialisation, then owned directly
         self.weight = nn.Parameter(init.weight.detach().clone())            # (d', d)

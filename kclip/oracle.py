@@ -13,7 +13,7 @@ same vector, and scenes differing in one attribute (a size, a colour, a shape, t
 ones. Tokenising *is* parsing here: a caption's "tokens" are the indices of its seven one-hot entries.
 
 It has the interface the cache builder needs (``describe``, ``tokenize``, ``encode_tokenized``, ``dim``), so
-its rows are cached like any teacher's. The pipeline selects it by name (``kclip.pipeline._load_teacher``);
+its rows are cached like any teacher's. The pipeline selects it by name (``kclip.pipeline.stages._load_teacher``);
 the config's precision/pooling/max_length are recorded in its identity (so the cache's checks apply as for
 any teacher) but change nothing. A caption outside the grammar is an error that names it.
 """
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from kclip.synthetic import COLORS, SHAPES, SIZES, parse_caption
+from kclip.teacher_weights import loader_options
 
 ORACLE_TEACHER = "synthetic-oracle"
 ORACLE_VERSION = 1
@@ -134,5 +135,10 @@ def load_oracle(name: str = ORACLE_TEACHER, precision: str = "int8", pooling: st
     return OracleTeacher(precision=precision, pooling=pooling, max_length=max_length)
 
 
+def load_oracle_from_config(section, device=None) -> OracleTeacher:
+    """:func:`load_oracle` for a ``teacher`` config section, as ``kclip.teacher.load_teacher_from_config``."""
+    return load_oracle(section.name, device=device, **loader_options(section))
+
+
 __all__ = ["ORACLE_TEACHER", "ORACLE_DIM", "OracleTeacher", "canonical_scene", "is_oracle", "load_oracle",
-           "scene_slots"]
+           "load_oracle_from_config", "scene_slots"]

@@ -248,3 +248,10 @@ def generate(out_dir: str | Path, n_train_images: int = 1200, n_val_images: int 
             "attribute_columns": list(ATTRIBUTE_COLUMNS)}
     atomic_write_text(meta_path, json.dumps(meta, indent=2))
     return meta
+
+
+def generate_from_config(out_dir: str | Path, section, progress: bool = True) -> dict:
+    """:func:`generate` with the options of a ``data.synthetic`` config section (``kclip.config.SyntheticConfig``)."""
+    return generate(out_dir, section.n_train_images, section.n_val_images, section.captions_per_image,
+                    section.image_size, section.heldout_combos, section.seed, progress=progress,
+                    heldout_seed=section.heldout_seed)

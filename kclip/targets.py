@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from kclip.config import LossConfig, check_choice, choices
+
 
 SHUFFLE_STREAM = 0x5EED_7EAC  # keeps the shuffle's random stream apart from every other use of the run seed
 
@@ -93,9 +95,8 @@ class TeacherTargets:
     """
 
     def __init__(self, cache, mode: str = "l2", chunk: int = 65536, rows: np.ndarray | None = None, fit=None):
-        if mode not in ("l2", "standardize", "none") and whiten_k(mode) is None:
-            raise ValueError(f"loss.target_norm is {mode!r}; it must be 'l2', 'standardize', 'none', 'whiten' or "
-                             "'whiten-<k>'")
+        if mode not in ("l2", "standardize", "none") and whiten_k(mode) is None:  # direct callers; configs are checked
+            check_choice("loss.target_norm", mode, choices(LossConfig, "target_norm"))
         if rows is not None:
             rows = np.asarray(rows, dtype=np.int64)
             if rows.shape != (len(cache),) or not np.array_equal(np.sort(rows), np.arange(len(cache))):

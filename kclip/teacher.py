@@ -47,7 +47,7 @@ from torch import nn
 
 from kclip.quantize import count_quantized, load_quantized, quiet_bnb_cast_notice
 from kclip.teacher_weights import (DEFAULT_TEACHER, POOLINGS, TeacherSource, check_options, format_teacher_id,
-                                   resolve_teacher, teacher_identity)
+                                   loader_options, resolve_teacher)
 
 log = logging.getLogger(__name__)
 
@@ -374,6 +374,12 @@ def load_teacher(name_or_path: str | os.PathLike = DEFAULT_TEACHER, precision: s
                    max_length=max_length, prompt=prompt, device=device, token_budget=token_budget,
                    quant_backend=backend, note=note, fingerprint=src.fingerprint, source=src.kind, file=src.file)
 
-# DEFAULT_TEACHER and teacher_identity are re-exported: kclip.pipeline reads them from here.
+
+def load_teacher_from_config(section, device: torch.device | str | None = None) -> Teacher:
+    """:func:`load_teacher` for a ``teacher`` config section (``kclip.config.TeacherConfig``): its name and
+    ``kclip.teacher_weights.loader_options`` (cache_dir and shard_size are the cache's, not the teacher's)."""
+    return load_teacher(section.name, device=device, **loader_options(section))
+
+
 __all__ = ["DEFAULT_TEACHER", "Teacher", "check_captions", "load_teacher", "plan_batches", "pool_hidden",
-           "teacher_identity"]
+           "load_teacher_from_config"]

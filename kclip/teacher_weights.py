@@ -411,6 +411,22 @@ def _not_cached_message(repo: str, revision: str | None, exc) -> str:
 # Identity without weights
 # ----------------------------------------------------------------------------------------------------------
 
+def identity_options(section) -> dict:
+    """:func:`teacher_identity`'s arguments from a ``teacher`` config section (``kclip.config.TeacherConfig``):
+    the fields that identify a teacher's embeddings, an empty revision or prompt read as None."""
+    return {"name": section.name, "revision": section.revision or None, "precision": section.precision,
+            "pooling": section.pooling, "max_length": section.max_length, "prompt": section.prompt or None}
+
+
+def loader_options(section) -> dict:
+    """The keyword arguments of ``kclip.teacher.load_teacher`` (and of the oracle's and the control teacher's
+    loaders) other than the name and the device, from a ``teacher`` config section: the identity's options plus
+    how the model is run (``trust_remote_code``, ``token_budget``)."""
+    options = identity_options(section)
+    del options["name"]
+    return {**options, "trust_remote_code": section.trust_remote_code, "token_budget": section.token_budget}
+
+
 def teacher_identity(name: str | os.PathLike = DEFAULT_TEACHER, revision: str | None = None, precision: str = "int8",
                      pooling: str = "mean", max_length: int = 64, prompt: str | None = None) -> dict:
     """What identifies the embeddings of a teacher config; no weights are read and nothing is downloaded.
@@ -429,8 +445,8 @@ def teacher_identity(name: str | os.PathLike = DEFAULT_TEACHER, revision: str | 
           repo not cached yet has the requested revision instead (None for main), so pin ``revision`` to a
           commit hash to make the identity independent of what a machine has cached.
     Config fields that identify a teacher: teacher.name, teacher.revision, teacher.precision, teacher.pooling,
-    teacher.max_length, teacher.prompt (not token_budget, shard_size, cache_dir, trust_remote_code: they do not
-    change the embeddings).
+    teacher.max_length, teacher.prompt (:func:`identity_options`; not token_budget, shard_size, cache_dir,
+    trust_remote_code: they do not change the embeddings).
 
     Raises:
         ValueError / TeacherNotFoundError: as ``check_options`` / ``locate_teacher``.
@@ -443,5 +459,5 @@ def teacher_identity(name: str | os.PathLike = DEFAULT_TEACHER, revision: str | 
 
 __all__ = ["DEFAULT_TEACHER", "KNOWN_PACKAGES", "PACKAGE_ALIASES", "POOLINGS", "PRECISIONS", "TeacherAccessError",
            "TeacherNotFoundError", "TeacherSource", "check_options", "default_teacher_path", "download_teacher",
-           "format_teacher_id", "local_fingerprint", "locate_teacher", "package_model", "resolve_teacher",
-           "teacher_identity"]
+           "format_teacher_id", "identity_options", "loader_options", "local_fingerprint", "locate_teacher",
+           "package_model", "resolve_teacher", "teacher_identity"]

@@ -100,7 +100,7 @@ def test_oracle_rejects_other_captions_and_prompts():
 
 def test_oracle_cache_and_pipeline_dispatch(tmp_path):
     from kclip.cache import build_cache, open_cache
-    from kclip.pipeline import _load_teacher
+    from kclip.pipeline.stages import _load_teacher
 
     caps = Scene("small", "red", "circle", "above", "large", "blue", "square").phrasings()
     teacher = _load_teacher(load_config(None, ["teacher.name=synthetic-oracle"]), "cpu")

@@ -208,7 +208,7 @@ def test_control_teacher_is_deterministic_caption_specific_and_knows_only_words(
 
 def test_control_teacher_cache_and_pipeline_dispatch(tmp_path):
     from kclip.cache import build_cache, open_cache
-    from kclip.pipeline import _load_teacher
+    from kclip.pipeline.stages import _load_teacher
 
     teacher = _load_teacher(load_config(None, ["teacher.name=hashed-ngrams"]), "cpu")
     assert isinstance(teacher, HashedNgramTeacher)

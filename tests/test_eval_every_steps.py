@@ -85,10 +85,10 @@ def test_step_eval_recall_is_the_retrieval_metric(inputs, tmp_path):  # noqa: F8
 def test_every_steps_is_not_an_input_of_any_stage():
     """Turning it on must not make the pipeline ask for --rebuild train (nor rebuild eval)."""
     from kclip.config import load_config
-    from kclip.pipeline import CONCEPTS_KEYS, EVAL_KEYS, TRAIN_IGNORED, TRAIN_KEYS, _pick
+    from kclip.pipeline import config_inputs
 
     cfg = load_config(None, ["eval.every_steps=5", "eval.every_steps_pairs=64"])
-    picked = {**_pick(cfg, CONCEPTS_KEYS), **_pick(cfg, TRAIN_KEYS, TRAIN_IGNORED), **_pick(cfg, EVAL_KEYS)}
+    picked = config_inputs(cfg, "eval")  # the last stage: every stage's keys
     assert "eval.text_em_steps" in picked and not any(k.startswith("eval.every_steps") for k in picked)
 
 

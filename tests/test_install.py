@@ -88,6 +88,9 @@ def test_console_script_and_presets_from_the_installed_package(installed):
         ds = deepspeed_config(load_config("paper", ["train.deepspeed_config=configs/ds/zero3.json"]), world_size=1)
         assert ds["zero_optimization"]["stage"] == 3
         assert venv in pathlib.Path(str(find_deepspeed_file("zero2"))).resolve().parents
+        import importlib  # packages of their own: setup.py must ship every one
+        for name in ("kclip.pipeline.stages", "kclip.kernels.clip_contrastive_loss.resident"):
+            assert venv in pathlib.Path(importlib.import_module(name).__file__).resolve().parents, name
         print("ok")
     """)
     assert _run([env_dir / "bin" / "python", "-c", check], cwd=work, env=env).strip().endswith("ok")

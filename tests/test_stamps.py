@@ -8,7 +8,8 @@ from kclip.cache import Manifest
 from kclip.config import load_config
 from kclip.data import Pair, PairIndex
 from kclip.eval.run_encoders import CachedTeacherTexts
-from kclip.pipeline import cache_changes, pairs_identity, rebuild_names, _downstream
+from kclip.pipeline import cache_changes, pairs_identity, rebuild_names
+from kclip.pipeline.plan import _downstream
 from kclip.stamps import file_digest, input_changes, make_stamp, read_stamp, upstream_changes, write_stamp
 
 
@@ -96,3 +97,64 @@ def test_cached_teacher_texts_read_each_split_once_in_order():
     assert out[:, 0].tolist() == [2.0, 101.0, 0.0, 100.0]  # v1 from the first split that has it
     with pytest.raises(KeyError, match="not cached for 1 texts"):
         enc.encode_texts(["never seen"])
+
+
+# The keys each stage read when kclip kept them in lists by hand (a trailing "." is a whole section), and the keys
+# those lists left out as changing how, not what, a stage computes: the field metadata (kclip.config.knob) must
+# give the same, so stamps written before it stay current.
+BEFORE = {"concepts": ("seed", "concepts.", "loss.target_norm", "loss.shuffle_teacher", "model.name",
+                       "model.pretrained"),
+          "train": ("seed", "model.", "loss.", "train."),
+          "eval": ("data.source", "eval.cub_root", "eval.awa2_root", "eval.text_em_steps")}
+BEFORE_NOT = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.compile",
+              "model.grad_checkpointing", "loss.contrastive_memory_budget_gb")
+
+
+def _stage_before(key):
+    def hit(stage):
+        return any(key == p or (p.endswith(".") and key.startswith(p)) for p in BEFORE[stage])
+
+    if hit("concepts"):
+        return "concepts"
+    if hit("train") and key not in BEFORE_NOT:
+        return "train"
+    return "eval" if hit("eval") else None
+
+
+def _with_metadata(cls, metadata, prefix=""):
+    """A copy of a config dataclass (and its sections) whose fields named in ``metadata`` (flat key -> dict)
+    carry that metadata instead of their own."""
+    import dataclasses
+
+    fields = []
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        factory = f.default_factory
+        meta = metadata.get(key, f.metadata)
+        if factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory):
+            section = _with_metadata(factory, metadata, key + ".")
+            fields.append((f.name, section, dataclasses.field(default_factory=section)))
+        elif factory is not dataclasses.MISSING:
+            fields.append((f.name, f.type, dataclasses.field(default_factory=factory, metadata=meta)))
+        else:
+            fields.append((f.name, f.type, dataclasses.field(default=f.default, metadata=meta)))
+    return dataclasses.make_dataclass(cls.__name__, fields)
+
+
+def test_stage_keys_from_field_metadata_match_the_lists_kept_before():
+    from kclip.config import Config
+    from kclip.pipeline import config_inputs, recorded_if_not, stage_keys
+    from kclip.pipeline.keys import KEYED_STAGES, config_fields
+
+    keys = stage_keys(Config())
+    assert keys == {s: tuple(k for k, _ in config_fields(Config()) if _stage_before(k) == s) for s in KEYED_STAGES}
+    assert recorded_if_not(Config()) == {"loss.shuffle_teacher": False, "train.engine": "auto",
+                                         "train.grad_cache": False}
+    assert "train.lr" in keys["train"] and "eval.text_em_steps" in keys["eval"] and "seed" in keys["concepts"]
+    assert not any(k.startswith(("teacher.", "data.synthetic.")) or k == "run_dir" for ks in keys.values() for k in ks)
+    cfg = load_config(None, ["train.grad_cache=true"])
+    assert set(config_inputs(cfg, "concepts")) < set(config_inputs(cfg, "train")) < set(config_inputs(cfg, "eval"))
+    # a knob without metadata is read by its section's stage; a wrong stage name is a bug named by its field
+    assert "train.log_every" in stage_keys(_with_metadata(Config, {"train.log_every": {}})())["train"]
+    with pytest.raises(ValueError, match="train.lr: metadata stage_input='teach'"):
+        stage_keys(_with_metadata(Config, {"train.lr": {"stage_input": "teach"}})())
