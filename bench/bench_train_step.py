@@ -450,24 +450,16 @@ def _setup_dist(args):
     """The process group and this rank's device.
 
     ``kclip.distributed.setup()`` makes a one-rank group when not launched (NCCL when a GPU is visible, else
-    gloo). A CPU run (``--quick`` / ``--device cpu``) needs gloo even on a GPU machine, so that group is made
-    here first (setup() then keeps it); if an NCCL group already exists, ``--quick`` runs on the GPU instead.
+    gloo). A CPU run (``--quick`` / ``--device cpu``) needs gloo even on a GPU machine, so it asks for gloo; if
+    an NCCL group already exists, ``--quick`` runs on the GPU instead.
     """
-    import os
-
     import torch.distributed as tdist
 
-    from kclip.distributed import DistInfo, _free_port, setup
+    from kclip.distributed import DistInfo, setup
 
     want = torch.device(args.device) if args.device else (torch.device("cpu") if args.quick else None)
-    if want is not None and want.type == "cpu" and not tdist.is_initialized() and torch.cuda.is_available():
-        import deepspeed
-
-        if "RANK" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    info = setup()
+    cpu_on_gpu_machine = want is not None and want.type == "cpu" and torch.cuda.is_available()
+    info = setup(backend="gloo" if cpu_on_gpu_machine and not tdist.is_initialized() else None)
     if want is not None and want.type == "cpu" and tdist.get_backend() == "nccl" and not args.device:
         want = info.device
     return DistInfo(info.rank, info.world_size, info.local_rank, want or info.device)

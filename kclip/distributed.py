@@ -35,7 +35,7 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
     """A port free *now* (it may be taken before it is bound): only for a group that already exists."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -86,8 +86,11 @@ def _clear_stale_build_locks() -> None:
             lock.unlink(missing_ok=True)
 
 
-def setup() -> DistInfo:
+def setup(backend: str | None = None) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (idempotent) and return this process's place.
+
+    ``backend``: the process group's (default: nccl with CUDA, else gloo; gloo on a GPU machine keeps a CPU-only
+    run off the GPU's communicator). An existing group keeps its own.
 
     Without a launcher (no ``RANK`` in the environment) the one-rank group's store listens on
     ``MASTER_PORT`` if set, else on a port the OS picks (port 0) and this process holds from the start:
@@ -102,7 +105,7 @@ def setup() -> DistInfo:
         from deepspeed.accelerator import get_accelerator
 
         get_accelerator()  # chosen (and announced) on first use
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             store = dist.TCPStore("127.0.0.1", int(os.environ.get("MASTER_PORT") or 0), 1, is_master=True,
@@ -114,7 +117,7 @@ def setup() -> DistInfo:
             deepspeed.init_distributed(dist_backend=backend, verbose=False)  # adopts a group made above
     elif "RANK" not in os.environ:  # a group made by the caller: DeepSpeed still checks the launcher's variables
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
     _register_teardown()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():

@@ -5,7 +5,7 @@ process group and calls ``fn(rank, world_size, *args)`` in each. Asserting insid
 
 - The rendezvous store is created here, in the test process, on port 0: the OS picks a free port and this
   process holds it for the whole run, so two tests (or two CI jobs) can never race for the same port
-  (the old ``_free_port()`` closed its socket before the ranks bound it).
+  (the old ``free_port()`` route closed its socket before the ranks bound it).
 - Each rank runs the Triton interpreter (``TRITON_INTERPRET=1`` before triton is imported), enables
   ``faulthandler`` (a native crash prints every thread's Python stack to stderr, which pytest shows), and
   calls ``destroy_process_group()`` in a ``finally``.
