@@ -307,3 +307,28 @@ def test_comparison_smoke(tmp_path):
     assert all(r["reused"] for r in resumed["runs"]) and not list(moved.glob("pretrain-*/*.safetensors"))
     assert not (moved / "teacher_cache").exists() and any("not needed" in m for m in said)
     assert resumed["teachers"] == json.loads(json.dumps(res["teachers"]))
+
+
+def test_the_repository_keeps_what_a_comparison_commits():
+    """A comparison's out folder under bench/results keeps its runs' result and hits files in git (the checkout's
+    own .gitignore must not exclude a ``runs/`` folder there), and not their students or data."""
+    import shutil as _shutil
+
+    from conftest import REPO_ROOT
+
+    if _shutil.which("git") is None or not (REPO_ROOT / ".git").exists():
+        pytest.skip("needs the git checkout")
+    from kclip.experiments.comparison import GITIGNORE
+
+    out = REPO_ROOT / "bench" / "results" / "comparison_confirmatory"
+    if not (out / ".gitignore").is_file():
+        pytest.skip("no committed comparison folder")
+    assert (out / ".gitignore").read_text() == GITIGNORE
+
+    def ignored(path):
+        return subprocess.run(["git", "-C", str(REPO_ROOT), "check-ignore", "-q", str(path)]).returncode == 0
+
+    run = out / "runs" / "seed0-example-0000000000"
+    assert not ignored(run / RESULT_FILE) and not ignored(run / PER_IMAGE_FILE)
+    assert ignored(run / "student.safetensors") and ignored(run / "data" / "val.csv")
+    assert ignored(out / "teacher_cache" / "x" / "manifest.json") and ignored(REPO_ROOT / "runs" / "tiny" / "x")
