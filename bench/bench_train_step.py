@@ -9,6 +9,9 @@ One process, one device, side by side (per ``--models`` entry, 224 px, batch ``-
 - ``kclip-reference`` : the same step with ``contrastive_impl = distill_impl = "reference"`` (eager losses).
 - ``kclip-torch``     : the fused step on the torch engine (``train.engine: torch``: fp32 master weights, autocast,
                         fused torch AdamW, DDP at > 1 rank).
+- ``kclip-graph``     : ``kclip-torch`` with ``train.cuda_graph``: the whole step captured once as a CUDA graph and
+                        replayed (kclip/step_graph.py; the warm-up covers its eager steps and the capture). Against
+                        ``kclip-torch`` it measures the host's share of the step. GPU only.
 - ``kclip-zero2``, ``kclip-zero1``, ``kclip-zero3``, ``kclip-zero0``: the fused step on the DeepSpeed engine
                         (``train.engine: deepspeed``; its bf16 mode: bf16 module weights, fp32 master copy in its
                         optimizer) with ZeRO-2 / 1 / 3 / DeepSpeed without ZeRO partitioning (kclip's
@@ -73,7 +76,8 @@ from bench.harness import RESULTS_DIR, ResultsLog, format_profile, is_oom, profi
 
 NAME = "train_step"
 IMPLS = ("kclip-fused", "kclip-reference", "openclip-style", "online-teacher", "kclip-zero1", "kclip-zero3",
-         "kclip-zero0", "kclip-torch", "kclip-zero2")
+         "kclip-zero0", "kclip-torch", "kclip-zero2", "kclip-graph")
+GPU_ONLY = ("kclip-graph",)  # left out (and said so) on a CPU
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets. First match wins,
 # so the more specific names come first.
@@ -214,13 +218,14 @@ class KclipRunner(Runner):
     (online-teacher)."""
 
     def __init__(self, impl: str, model: nn.Module, inputs: Inputs, args, dist, stage: int = 2, teacher=None,
-                 engine: str = "auto"):
+                 engine: str = "auto", cuda_graph: bool = False):
         from kclip.trainer import Trainer
 
         which = "reference" if impl == "kclip-reference" else "triton"
         model.head.distill_impl = which
         cfg = _config(args.batch_size, args.precision, stage, which, args.num_concepts, engine)
         cfg.train.compile = args.compile
+        cfg.train.cuda_graph = cuda_graph
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.trainer = Trainer(cfg, model, dist, total_steps=10_000)
@@ -229,6 +234,8 @@ class KclipRunner(Runner):
         if self.trainer.engine_name == "torch":
             self.engine = "torch"
             self.optimizer_name = f"torch engine: AdamW on fp32 master weights ({args.precision})"
+            if cuda_graph:
+                self.engine, self.optimizer_name = "torch+cuda_graph", self.optimizer_name + ", captured step"
         else:
             self.engine = f"deepspeed-zero{stage}"
             self.optimizer_name = f"DeepSpeed ZeRO-{stage} over torch AdamW ({args.precision})"
@@ -378,9 +385,15 @@ def run_impl(impl: str, base: nn.Module, inputs: Inputs, args, dist, teacher_sha
                 teacher = build_teacher(teacher_shape, device)
                 rec["teacher_build_s"] = time.perf_counter() - t0
                 steps, warmup = min(steps, args.teacher_steps), min(warmup, 2)
-            engine = {"kclip-torch": "torch"}.get(impl, "deepspeed" if impl.startswith("kclip-zero") else "auto")
+            engine = {"kclip-torch": "torch", "kclip-graph": "torch"}.get(
+                impl, "deepspeed" if impl.startswith("kclip-zero") else "auto")
             stage = int(impl[-1]) if impl.startswith("kclip-zero") else 2
-            runner = KclipRunner(impl, model, inputs, args, dist, stage, teacher, engine)
+            runner = KclipRunner(impl, model, inputs, args, dist, stage, teacher, engine,
+                                 cuda_graph=impl == "kclip-graph")
+            if impl == "kclip-graph":  # its eager warm-up steps and the capture stay out of the timed steps
+                from kclip.step_graph import WARMUP_STEPS
+
+                warmup = max(warmup, WARMUP_STEPS + 1)
         del model
         rec["setup_s"] = time.perf_counter() - t_setup
         t_run = time.perf_counter()
@@ -571,6 +584,10 @@ def _main(args) -> list[dict]:
     prov = provenance(device)
     peak = peak_flops(device)
     impls = [i for i in IMPLS if i in args.impls]  # fixed order
+    if device.type != "cuda" and any(i in GPU_ONLY for i in impls):
+        if dist.is_main:
+            print(f"[train_step] skipped on {device.type}: {', '.join(i for i in impls if i in GPU_ONLY)} (CUDA only)")
+        impls = [i for i in impls if i not in GPU_ONLY]
     log = ResultsLog(NAME, args.results_dir) if dist.is_main else None
     records: list[dict] = []
     for name in args.models:

@@ -91,7 +91,7 @@ def plan() -> list[Step]:
              ["-m", b + "bench_projected_mse_loss", "--batch-sizes", "4096", "--dims", "512", "--d-out", "4096"],
              ["-m", b + "bench_projected_mse_loss", "--quick"], 60, 25, 120),
         Step("train_step", "ViT-B-32 224 px batch 256 bf16: kclip fused/reference, open_clip-style, online 8-bit "
-                           "7B teacher, plain, DeepSpeed ZeRO-1/2/3",
+                           "7B teacher, plain, captured (CUDA graph), DeepSpeed ZeRO-1/2/3",
              ["-m", b + "bench_train_step", "--models", "ViT-B-32", "--batch-size", "256", "--steps", "20",
               "--warmup", "5", "--teacher-steps", "4"],
              ["-m", b + "bench_train_step", "--quick", "--impls", "kclip-fused", "openclip-style", "online-teacher",
@@ -482,14 +482,16 @@ def target_rows(results: Path, quick: bool = False) -> list[dict]:
     # train step
     st = at_["step"]
     ts = [r for r in data.get("train_step", []) if r.get("model") == st["model"] and r.get("batch") == st["batch"]]
-    fused, oc, onl, z2 = (_latest(ts, impl=i) for i in ("kclip-fused", "openclip-style", "online-teacher",
-                                                         "kclip-zero2"))
+    fused, oc, onl, z2, graph = (_latest(ts, impl=i) for i in ("kclip-fused", "openclip-style", "online-teacher",
+                                                                "kclip-zero2", "kclip-graph"))
     where = f"{st['model']}, batch {st['batch']}"
     rows.append(_row("train step vs open_clip-style step", _div(_ms(oc), _ms(fused)), 1.3, True, "x", where,
                      f"engine {(fused or {}).get('engine', '?')}"))
     rows.append(_row("train step vs the same step on DeepSpeed ZeRO-2", _div(_ms(z2), _ms(fused)), 1.0, True, "x",
                      where))
     rows.append(_row("train step vs online-teacher step", _div(_ms(onl), _ms(fused)), 5.0, True, "x", where))
+    rows.append(_row("captured step (train.cuda_graph) vs open_clip-style step", _div(_ms(oc), _ms(graph)), 1.3, True,
+                     "x", where))
     rows.append(_row("train step MFU (dense bf16 datasheet peak)", (fused or {}).get("mfu"), 0.40, True, "", where))
     return rows
 

@@ -210,6 +210,10 @@ class TrainConfig:
     checkpoint_every: int = knob(100, stage_input=False)  # steps; the last step always checkpoints
     keep_checkpoints: int = knob(2, stage_input=False)
     compile: bool = knob(False, stage_input=False)
+    # The whole step (forward, losses, backward, clipping, AdamW) captured once as a CUDA graph and replayed: one
+    # launch per step instead of hundreds of host-issued kernels (kclip/step_graph.py). Needs a CUDA GPU, the torch
+    # engine, one rank, bf16 or fp32, grad_accum_steps 1; the learning rate then lives on the device. Same maths.
+    cuda_graph: bool = knob(False, stage_input=False)
     r2_captions: int = 2048            # held-out captions for the per-epoch R^2 of W_e(E_T(x)) vs the teacher (0: off)
     # The grad_accum_steps micro-batches of batch_size pairs form ONE contrastive batch of batch_size x
     # grad_accum_steps x ranks pairs with its exact gradient (gradient cache, Gao et al. 2021): embed every
@@ -231,8 +235,29 @@ class TrainConfig:
                               "deepspeed (or auto), or train.deepspeed_config to ''")
         for k in ("epochs", "batch_size", "grad_accum_steps", "lr", "log_every", "checkpoint_every", "keep_checkpoints"):
             _positive(f"train.{k}", getattr(self, k))
-        if not isinstance(self.grad_cache, bool):
-            raise ConfigError(f"config key 'train.grad_cache' is {self.grad_cache!r}; it must be true or false")
+        for k in ("grad_cache", "cuda_graph"):
+            if not isinstance(getattr(self, k), bool):
+                raise ConfigError(f"config key 'train.{k}' is {getattr(self, k)!r}; it must be true or false")
+        if self.cuda_graph:
+            self.check_cuda_graph()
+
+    def check_cuda_graph(self) -> None:
+        """What one captured step cannot do, said at config time (the device and the ranks are checked when the
+        trainer starts: kclip.step_graph)."""
+        why = {"train.engine": "the DeepSpeed engine's step is not capturable: set train.engine to torch (or auto)"
+                               if self.engine == "deepspeed" else None,
+               "train.zero_stage": "ZeRO-3 needs the DeepSpeed engine, whose step is not capturable"
+                                   if self.zero_stage == 3 else None,
+               "train.deepspeed_config": "it configures the DeepSpeed engine, whose step is not capturable"
+                                         if self.deepspeed_config else None,
+               "train.precision": "fp16's loss scaler reads the overflow flag on the host: use bf16"
+                                  if self.precision == "fp16" else None,
+               "train.grad_accum_steps": "a captured step is one micro-batch and one optimizer step: raise "
+                                         "train.batch_size instead" if self.grad_accum_steps != 1 else None}
+        for key, reason in why.items():
+            if reason:
+                raise ConfigError(f"config key 'train.cuda_graph' is true but {key}={getattr(self, key.split('.')[1])!r}: "
+                                  f"{reason}, or set train.cuda_graph to false")
 
 
 @dataclass

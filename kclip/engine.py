@@ -100,6 +100,8 @@ def choose_engine(cfg: Config, model: torch.nn.Module, device: torch.device, ckp
     t = cfg.train
     if t.engine != "auto":
         return t.engine, "train.engine"
+    if t.cuda_graph:  # the config already refused what only DeepSpeed does
+        return "torch", "auto: train.cuda_graph captures the torch engine's step"
     found = checkpoint_engine(ckpt_dir) if ckpt_dir is not None else None
     if found is not None:
         return found, "auto: the engine of the checkpoint this run resumes"
@@ -171,6 +173,8 @@ class TorchEngine:
         self.grad_accum_steps, self.grad_clip = t.grad_accum_steps, t.grad_clip
         self.autocast_dtype = _LOW_PRECISION.get(t.precision)
         self.scaler = torch.amp.GradScaler(self.device.type) if t.precision == "fp16" else None
+        # a captured region may not reuse autocast's cast-weight cache across replays (torch.cuda.graphs' rule)
+        self.autocast_cache = not t.cuda_graph
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.micro_steps = self.global_steps = 0
         self.ddp = None
@@ -206,7 +210,7 @@ class TorchEngine:
     def _autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=self.autocast_cache)
 
     def __call__(self, *args, **kwargs):
         """The module's forward (under autocast in bf16/fp16). A forward that builds a graph goes through DDP,
@@ -228,24 +232,38 @@ class TorchEngine:
         loss.backward()
 
     def step(self) -> None:
-        """At an accumulation boundary: unscale (fp16), clip, optimizer step, scheduler step, zero the gradients.
-        Between boundaries only the micro-step count moves."""
+        """At an accumulation boundary: :meth:`update`, then :meth:`advance`. Between boundaries only the
+        micro-step count moves."""
         if self.is_gradient_accumulation_boundary():
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
-            if self.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                with warnings.catch_warnings():  # after a skipped step torch warns that the optimizer did not step
-                    warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
-                    self.lr_scheduler.step()
-            else:
-                self.optimizer.step()
+            self.update()
+            self.advance()
+        else:
+            self.micro_steps += 1
+
+    def update(self) -> None:
+        """The device half of an optimizer step: unscale (fp16), clip, optimizer step, zero the gradients. No host
+        read and no host-side state change (kclip.step_graph captures it)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def advance(self) -> None:
+        """The host half: the scheduler's next learning rate (written into the optimizer's lr, in place when it
+        is a device tensor) and the step counters."""
+        if self.scaler is not None:
+            with warnings.catch_warnings():  # after a skipped step torch warns that the optimizer did not step
+                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
                 self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.global_steps += 1
+        else:
+            self.lr_scheduler.step()
+        self.global_steps += 1
         self.micro_steps += 1
 
     def save_checkpoint(self, save_dir: str | Path, tag: str, client_state: dict | None = None) -> None:
@@ -286,7 +304,11 @@ class TorchEngine:
         # on the host: load_state_dict copies into the parameters, and the optimizer moves its state to theirs
         self.module.load_state_dict(load_file(str(folder / WEIGHTS_FILE), device="cpu"))
         state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+        lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            if isinstance(lr, torch.Tensor):  # a device lr (train.cuda_graph) stays the tensor the step reads
+                group["lr"] = lr.copy_(group["lr"])
         self.lr_scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])

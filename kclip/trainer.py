@@ -77,14 +77,27 @@ def _lr_lambda(warmup: int, total: int):
 
 def build_optimizer(model: KnowledgeClip, t: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """The train stage's AdamW over ``model``'s trainable parameters (``train.lr``, ``train.weight_decay``,
-    ``train.projector_lr``; betas (0.9, 0.98), eps 1e-6; the fused kernel on a GPU)."""
-    return torch.optim.AdamW(_param_groups(model, t), lr=t.lr, betas=(0.9, 0.98), eps=1e-6,
-                             **({"fused": True} if device.type == "cuda" else {}))
+    ``train.projector_lr``; betas (0.9, 0.98), eps 1e-6; the fused kernel on a GPU). With ``train.cuda_graph``
+    it is capturable and each group's lr is a 0-d fp32 tensor on ``device`` of its own: a replayed step reads
+    the lr the scheduler wrote there."""
+    groups = _param_groups(model, t)
+    kw = {"fused": True} if device.type == "cuda" else {}
+    lr = t.lr
+    if t.cuda_graph:
+        for group in groups:
+            group["lr"] = torch.tensor(float(group.get("lr", t.lr)), dtype=torch.float32, device=device)
+        lr = torch.tensor(float(t.lr), dtype=torch.float32, device=device)
+        kw["capturable"] = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6, **kw)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig, total_steps: int):
-    """Linear warm-up over ``train.warmup_steps``, then cosine to 0 at ``total_steps`` (stepped per optimizer step)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(t.warmup_steps, total_steps))
+    """Linear warm-up over ``train.warmup_steps``, then cosine to 0 at ``total_steps`` (stepped per optimizer step).
+    A tensor lr (``train.cuda_graph``) is written in place from host floats: no step reads it back."""
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(t.warmup_steps, total_steps))
+    # LambdaLR keeps tensor base lrs, and each step would read base_lr * factor back to fill the group's lr
+    scheduler.base_lrs = [float(b) for b in scheduler.base_lrs]
+    return scheduler
 
 
 def some_parameter_idle(cfg: Config) -> bool:
@@ -140,6 +153,12 @@ class Trainer:
                                    find_unused_parameters=some_parameter_idle(cfg))
         if t.compile:
             self.engine.compile()
+        self.step_graph = None
+        if t.cuda_graph:
+            from kclip.step_graph import StepGraph, check_graphable
+
+            check_graphable(t, self.engine_name, dist.device, dist.world_size)
+            self.step_graph = StepGraph(self.engine, self._forward_loss)
         # Gradient cache: one accumulation window's micro-batches (as the loader gave them, on the host) until the
         # last one arrives. With one micro-batch per step the plain step already is the exact big-batch step.
         self.grad_cache = t.grad_cache and t.grad_accum_steps > 1
@@ -169,17 +188,25 @@ class Trainer:
                 on any device (moved here without blocking).
         Returns:
             {"loss", the loss terms, "logit_scale"}: detached 0-d device tensors. Nothing here waits for
-            the device: read them (``.item()``) only when logging. With ``train.grad_cache`` (and
+            the device: read them (``.item()``) only when logging. With ``train.cuda_graph`` they are the captured
+            step's outputs, overwritten by the next step (kclip.step_graph). With ``train.grad_cache`` (and
             grad_accum_steps > 1) the step runs when the window's last micro-batch arrives: the earlier calls
             only keep their batch and return {}; the last returns the whole batch's values.
         """
         if self.grad_cache:
             return self._grad_cache_step(batch)
-        out = self.engine(*self._device_batch(batch))
-        loss, terms = self.loss_fn(out)
+        if self.step_graph is not None:
+            return self.step_graph(batch)
+        loss, out = self._forward_loss(batch)
         self.engine.backward(loss)
         self.engine.step()
-        return {"loss": loss.detach(), **terms, "logit_scale": out["logit_scale"].detach()}
+        return out
+
+    def _forward_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """(the loss, the step's detached outputs) of one micro-batch's forward."""
+        out = self.engine(*self._device_batch(batch))
+        loss, terms = self.loss_fn(out)
+        return loss, {"loss": loss.detach(), **terms, "logit_scale": out["logit_scale"].detach()}
 
     def _grad_cache_step(self, batch: dict) -> dict:
         """The gradient-cache step (Gao et al. 2021) over one accumulation window of micro-batches.
@@ -519,7 +546,7 @@ def train(cfg: Config, run_dir: Path, inputs: TrainInputs, dist: DistInfo, resum
         if step % t.log_every == 0 or step == total_steps or step == stop_after:
             elapsed = time.perf_counter() - window_t0
             record = {"step": step, "epoch": epoch, **{k: all_reduce_mean(v.item()) for k, v in out.items()},
-                      "lr": trainer.scheduler.get_last_lr()[0], "pairs_per_s": window_samples / max(elapsed, 1e-9)}
+                      "lr": float(trainer.scheduler.get_last_lr()[0]), "pairs_per_s": window_samples / max(elapsed, 1e-9)}
             window_t0, window_samples = time.perf_counter(), 0
             metrics.log(record, step)
             bar.set_postfix(loss=f"{record['loss']:.4f}", pps=f"{record['pairs_per_s']:.0f}")

@@ -107,7 +107,8 @@ BEFORE = {"concepts": ("seed", "concepts.", "loss.target_norm", "loss.shuffle_te
           "train": ("seed", "model.", "loss.", "train."),
           "eval": ("data.source", "eval.cub_root", "eval.awa2_root", "eval.text_em_steps")}
 BEFORE_NOT = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.compile",
-              "model.grad_checkpointing", "loss.contrastive_memory_budget_gb")
+              "model.grad_checkpointing", "loss.contrastive_memory_budget_gb",
+              "train.cuda_graph")  # added since: how, not what (the same step, captured)
 
 
 def _stage_before(key):
