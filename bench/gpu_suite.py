@@ -120,9 +120,10 @@ def plan() -> list[Step]:
              ["-m", b + "bench_clip_contrastive_loss", "--quick", "--ns", "64", "--impls", "kclip", "kclip_fused",
               "--profile"], 30, 10, 70),
         Step("profile_train_step", "profile the ViT-B-32 b256 bf16 step: kclip on the engine auto picks (torch on "
-                                   "one GPU), on DeepSpeed ZeRO-2 and ZeRO-0, open_clip-style",
+                                   "one GPU), captured as a CUDA graph, on DeepSpeed ZeRO-2 and ZeRO-0, open_clip-style",
              ["-m", b + "bench_train_step", "--models", "ViT-B-32", "--batch-size", "256", "--steps", "10",
-              "--warmup", "5", "--impls", "kclip-fused", "kclip-zero2", "kclip-zero0", "openclip-style", "--profile"],
+              "--warmup", "5", "--impls", "kclip-fused", "kclip-graph", "kclip-zero2", "kclip-zero0", "openclip-style",
+              "--profile"],
              ["-m", b + "bench_train_step", "--quick", "--impls", "kclip-fused", "kclip-zero2", "openclip-style",
               "--profile"], 55, 25, 110),
         # The fused tile shapes were swept on the H200 on 2026-11-30 (the D > 512 default came from it); this

@@ -295,10 +295,22 @@ class DeviceNormalize:
     def __init__(self, mean, std):
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)    # (1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)      # (1, 3, 1, 1)
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # copied once per device: a host-to-device copy in every step can make the host wait, and a captured
+        # step (train.cuda_graph) cannot contain one
+        if device not in self._on:
+            self._on[device] = self.mean.to(device), self.std.to(device)
+        return self._on[device]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_on": {}}  # loader workers get the host copies only
 
     def __call__(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        mean, std = self._stats(images.device)
         x = images.to(torch.float32).div_(255)                                   # (B, 3, H, W)
-        x = x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
+        x = x.sub_(mean).div_(std)
         return x.to(dtype)
 
 

@@ -178,3 +178,26 @@ def test_uint8_images_normalised_on_device_equal_the_open_clip_transform(tmp_pat
         n = len(idx.pairs)
         changed = [not torch.equal(fast[i]["image"], fast[n + i]["image"]) for i in range(n)]
         assert any(changed) == (preprocess is preprocess_train)  # augmentation differs by epoch; eval does not
+
+
+def test_device_normalize_copies_its_statistics_once_per_device(monkeypatch):
+    """No host-to-device copy per batch (a captured step cannot hold one), and workers get no device copies."""
+    import pickle
+
+    import torch
+
+    from kclip.data import DeviceNormalize
+
+    norm = DeviceNormalize((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    want = norm(x)
+    copies = []
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: copies.append(self.shape) or real_to(self, *a, **k))
+    for _ in range(3):
+        assert torch.equal(norm(x), want)
+    assert (1, 3, 1, 1) not in copies  # the statistics stayed where they were first moved
+    monkeypatch.undo()
+    assert list(norm._on) == [torch.device("cpu")]
+    worker = pickle.loads(pickle.dumps(norm))
+    assert worker._on == {} and torch.equal(worker(x), want)
