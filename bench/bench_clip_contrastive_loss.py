@@ -24,10 +24,18 @@ on record, named in ``model_device``). A measured ratio that disagrees with the 
 
     python -m bench.bench_clip_contrastive_loss                 # GPU: N 1k..131072, D 512/768, bf16
     python -m bench.bench_clip_contrastive_loss --quick --results-dir /tmp/r   # seconds on CPU
+    python -m bench.bench_clip_contrastive_loss --host-us --ns 256 --ds 64    # host side alone, any machine
+
+``--host-us`` (on with ``--quick``) measures the host side alone: microseconds of Python and torch dispatch
+per forward+backward call on tiny CPU tensors, each kclip strategy with its Triton launches replaced by
+no-ops (its own torch ops, GEMMs included, still run), against eager (open_clip's ``ClipLoss`` with autograd):
+records with impl ``<name>-host`` and ``measure: host_us_stubbed``. A GPU adds each launch's own cost (a
+few microseconds per Triton launch) to the kclip figures; ``triton_launches`` says how many a call makes.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import sys
@@ -64,6 +72,8 @@ def _parse(argv):
     p.add_argument("--tune-set", choices=TUNE_SETS, nargs="+", default=["all"],
                    help="pipeline: the fused default tiles with FLATTEN/PREFETCH; tiles: other fused tile shapes; "
                         "chunk: the chunked strategy's rows and tiles; all: every set")
+    p.add_argument("--host-us", action="store_true",
+                   help="also measure host microseconds per call with the Triton launches stubbed (CPU tensors)")
     p.add_argument("--profile", action="store_true",
                    help="also profile each impl (device vs host time per call, top kernels) into its record")
     p.add_argument("--results-dir", help="where the JSONL and the plot go (default bench/results)")
@@ -253,6 +263,58 @@ def _step(loss_fn, img, txt, s):
     loss_fn(img, txt, s).backward()
 
 
+class _NoLaunch:
+    """A ``@triton.jit`` kernel minus the launch: ``kernel[grid](...)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def host_us_stubbed(n: int, d: int, rep: int = 200) -> dict[str, dict]:
+    """Per impl: the median host microseconds of one forward+backward on CPU fp32 (N, D) tensors and the Triton
+    launches it makes. ``kclip_<strategy>`` runs the product's function with each kernel's launch replaced by a
+    no-op, ``use_triton`` forced on and the GPU's launch configurations (the interpreter is not involved);
+    ``eager`` is open_clip's ClipLoss."""
+    import statistics
+    from unittest import mock
+
+    kmod = import_module("kclip.kernels.clip_contrastive_loss")
+    img, txt, s = _inputs(n, d, torch.float32, torch.device("cpu"))
+
+    def per_call_us(fn):
+        for _ in range(10):
+            fn()
+        times = []
+        for _ in range(rep):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e6)
+        return statistics.median(times)
+
+    out = {}
+    with contextlib.ExitStack() as stack:
+        for sub in ("_common", "fused", "chunked", "resident", "plan"):
+            mod = import_module(f"kclip.kernels.clip_contrastive_loss.{sub}")
+            if hasattr(mod, "interpreting"):  # the GPU's launch configurations, not the interpreter's small tiles
+                stack.enter_context(mock.patch.object(mod, "interpreting", lambda: False))
+            for name, obj in vars(mod).items():
+                # a JITFunction, or an InterpretedFunction under TRITON_INTERPRET
+                if name.endswith("_kernel") and type(obj).__module__.startswith("triton."):
+                    stack.enter_context(mock.patch.object(mod, name, _NoLaunch()))
+        stack.enter_context(mock.patch.object(kmod, "use_triton", lambda *tensors: True))
+        for name, strategy in FORCED.items():
+            fn = functools.partial(kmod.clip_contrastive_loss, strategy=strategy)
+            before = kmod.TRITON_LAUNCHES
+            _step(fn, img, txt, s)
+            launches = kmod.TRITON_LAUNCHES - before
+            out[name] = {"host_us": per_call_us(lambda: _step(fn, img, txt, s)), "triton_launches": launches}
+    from open_clip.loss import ClipLoss
+
+    eager = ClipLoss()
+    out["eager"] = {"host_us": per_call_us(lambda: _step(eager, img, txt, s)), "triton_launches": 0}
+    return out
+
+
 def main(argv=None):
     args = _parse(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -338,6 +400,18 @@ def main(argv=None):
                 print(f"N={n:>7} D={d:>4} {name:>14}{strategy}: {status}{model}", flush=True)
                 if rec.get("profile"):
                     print(harness.format_profile(rec["profile"]), flush=True)
+
+    if args.host_us or args.quick:
+        cpu = harness.provenance(torch.device("cpu"))
+        for d in ds:
+            for n in ns:
+                us = host_us_stubbed(n, d)
+                for name, r in us.items():
+                    log.add(dict(cpu, N=n, D=d, dtype="float32", impl=f"{name}-host", measure="host_us_stubbed",
+                                 quick=args.quick, **r))
+                print(f"N={n:>7} D={d:>4} host us per fwd+bwd, Triton launches stubbed: " + "  ".join(
+                    f"{name} {r['host_us']:.0f} ({r['triton_launches']} launches)" for name, r in us.items()),
+                    flush=True)
 
     out = log.path
     harness.plot_vs(records, "N", ["ms_median", "peak_mem_mib"], "series", Path(out).with_suffix(".png"),

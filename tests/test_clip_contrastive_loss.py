@@ -574,3 +574,16 @@ def test_gpu_deterministic_bitwise(strategy):
     b = _run(_strategy(strategy), img, txt, s)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
+
+
+def test_host_path_with_the_launches_stubbed():
+    """Host microseconds per forward + backward with every Triton launch a no-op and the GPU's launch
+    configurations (bench --host-us): each strategy makes the launches it claims at N = 64 (one row block, one
+    chunk), and its own Python and torch calls cost no more than a loose multiple of eager's host path."""
+    from bench.bench_clip_contrastive_loss import host_us_stubbed
+
+    us = host_us_stubbed(64, 32, rep=50)
+    assert {k: v["triton_launches"] for k, v in us.items()} == {"kclip_resident": 3, "kclip_chunked": 4,
+                                                                "kclip_fused": 4, "eager": 0}
+    for name in ("kclip_resident", "kclip_chunked", "kclip_fused"):
+        assert 0 < us[name]["host_us"] < 3 * us["eager"]["host_us"], us  # loose: a shared 2-core machine
