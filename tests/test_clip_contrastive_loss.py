@@ -576,6 +576,27 @@ def test_gpu_deterministic_bitwise(strategy):
         assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("strategy", [*ccl.STRATEGIES, None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiles_without_a_graph_break(strategy, dtype):
+    """torch.compile(fullgraph=True) traces a function around the loss: its forward and backward kernel work are
+    the custom ops kclip::clip_contrastive_forward/_backward. Loss and gradients equal eager's bit for bit
+    (aot_eager runs the same kernels)."""
+    img, txt, s = _inputs(24, 16, 10.0, dtype=dtype, seed=8)
+
+    def f(a, b, scale):
+        return clip_contrastive_loss(a, b, scale, strategy=strategy) * 0.5
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # dynamo notes that it traces through the planner's lru_cache
+        compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+        got, want = compiled(img, txt, s), f(img, txt, s)
+    assert torch.equal(got, want)
+    for x, y in zip(torch.autograd.grad(got, (img, txt, s)), torch.autograd.grad(want, (img, txt, s))):
+        assert torch.equal(x, y)
+
+
 def test_host_path_with_the_launches_stubbed():
     """Host microseconds per forward + backward with every Triton launch a no-op and the GPU's launch
     configurations (bench --host-us): each strategy makes the launches it claims at N = 64 (one row block, one
