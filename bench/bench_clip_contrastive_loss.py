@@ -275,21 +275,12 @@ def host_us_stubbed(n: int, d: int, rep: int = 200) -> dict[str, dict]:
     launches it makes. ``kclip_<strategy>`` runs the product's function with each kernel's launch replaced by a
     no-op, ``use_triton`` forced on and the GPU's launch configurations (the interpreter is not involved);
     ``eager`` is open_clip's ClipLoss."""
-    import statistics
     from unittest import mock
 
     kmod = import_module("kclip.kernels.clip_contrastive_loss")
     img, txt, s = _inputs(n, d, torch.float32, torch.device("cpu"))
 
-    def per_call_us(fn):
-        for _ in range(10):
-            fn()
-        times = []
-        for _ in range(rep):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e6)
-        return statistics.median(times)
+    per_call_us = functools.partial(harness.host_us, rep=rep, warmup=10)
 
     out = {}
     with contextlib.ExitStack() as stack:

@@ -99,10 +99,11 @@ def host_us_stubbed(B: int, d: int, d_out: int, rep: int = 300) -> dict[str, flo
     """Median host microseconds per forward+backward call on CPU tensors: ``kernel`` runs the product's Triton
     path with the launch replaced by a no-op (so only its own Python and torch calls count), ``eager`` runs
     the reference with autograd. Both compute the same tiny backward GEMMs on the CPU."""
+    import functools
     import importlib
-    import statistics
-    import time
     from unittest import mock
+
+    from bench.harness import host_us
 
     from kclip.kernels import projected_mse_loss, projected_mse_loss_reference
 
@@ -122,15 +123,7 @@ def host_us_stubbed(B: int, d: int, d_out: int, rep: int = 300) -> dict[str, flo
     b = torch.zeros(d_out, requires_grad=True)  # (d',)
     t = torch.randn(B, d_out, generator=gen)  # (B, d')
 
-    def per_call_us(fn):
-        for _ in range(20):
-            fn()
-        times = []
-        for _ in range(rep):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e6)
-        return statistics.median(times)
+    per_call_us = functools.partial(host_us, rep=rep, warmup=20)
 
     def step(loss_fn):
         return lambda: torch.autograd.grad(loss_fn(x, w, t, b), (x, w, b))

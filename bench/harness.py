@@ -120,6 +120,19 @@ def time_steps(step: Callable[[int], object], device: torch.device | str, warmup
     return {"ms_median": statistics.median(ordered), "ms_p20": q[1], "ms_p80": q[7], "ms_wall_mean": wall_ms / steps}
 
 
+def host_us(fn: Callable[[], object], rep: int, warmup: int = 20) -> float:
+    """Median wall microseconds of ``fn()`` over ``rep`` calls after ``warmup``, with no device sync: the host's
+    own cost per call when ``fn`` runs on CPU tensors (with its launches stubbed, as the ``--host-us`` benches do)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(rep):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e6)
+    return statistics.median(times)
+
+
 def profile_fn(fn: Callable[[], object], device: torch.device | str, rep: int = 5, top: int = 8) -> dict:
     """Where one call of ``fn()`` spends its time: the device's busy time against the wall time, and the top ops.
 

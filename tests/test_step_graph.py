@@ -11,22 +11,10 @@ import torch
 
 from kclip.config import Config, ConfigError, load_config
 from kclip.engine import choose_engine
-from kclip.model import KnowledgeClip, build_clip
+from kclip.model import KnowledgeClip
 from kclip.trainer import Trainer
 from test_engine import D_T, K, B, _assert_same_run, _data, _forbid_host_reads, _params, _run
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    clip, _, _, tokenizer = build_clip("kclip-tiny", seed=0)
-    return clip, tokenizer
-
-
-@pytest.fixture(scope="module")
-def dist():
-    from kclip.distributed import setup
-
-    return setup()
+from test_engine import dist, tiny  # noqa: F401  (the fixtures: the tiny CLIP and this process's rank)
 
 
 def _trainer(clip, dist, cuda_graph, precision="fp32", impl="reference"):
